@@ -1,0 +1,27 @@
+"""The one expert-FFN entry point the MoE layers call.
+
+`impl="auto"` picks by token count: with few token copies (decode) the gather path reads only the selected
+experts' weights; with many (prefill, training) tokens are sorted by expert and run through a grouped matmul.
+On CPU/GPU XLA lowers `ragged_dot` densely over all experts, so for decode the gather path is much cheaper
+(see docs/PERFORMANCE.md). Pallas grouped-matmul kernels (megablox on TPU) plug in here.
+"""
+
+from __future__ import annotations
+
+from omni_jax.kernels.moe.ref import expert_ffn_dense, expert_ffn_gather, expert_ffn_sorted
+
+IMPLS = {"sorted": expert_ffn_sorted, "gather": expert_ffn_gather, "dense": expert_ffn_dense}
+
+
+def choose_impl(num_tokens: int, top_k: int, num_experts: int) -> str:
+    # Gathering costs N*K expert weight reads; the grouped matmul touches (on XLA CPU/GPU) every expert.
+    return "gather" if num_tokens * top_k <= num_experts else "sorted"
+
+
+def expert_ffn(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
+    """x [N, H], idx [N, K], weights [N, K], w_gate/w_up [E, H, I], w_down [E, I, H] -> [N, H]."""
+    if impl == "auto":
+        impl = choose_impl(x.shape[0], idx.shape[1], w_gate.shape[0])
+    if impl not in IMPLS:
+        raise ValueError(f"unknown expert_ffn impl {impl!r}; available: {sorted(IMPLS)} or 'auto'")
+    return IMPLS[impl](x, idx, weights, w_gate, w_up, w_down)

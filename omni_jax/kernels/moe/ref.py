@@ -1,0 +1,58 @@
+"""Pure-JAX expert FFN implementations (SiLU-gated experts), all computing the same function:
+
+    y[n] = sum_k weights[n, k] * down_e( silu(x[n] @ gate_e) * (x[n] @ up_e) ),   e = idx[n, k]
+
+- `expert_ffn_sorted`: token copies sorted by expert, grouped matmul with `jax.lax.ragged_dot` (prefill/training).
+- `expert_ffn_gather`: gathers only the selected experts' weights per token (decode: few tokens, reads k experts).
+- `expert_ffn_dense`: every expert on every token, masked combine. Test oracle only.
+
+Shapes: x [N, H]; idx int [N, K]; weights [N, K] (activation dtype); w_gate, w_up [E, H, I]; w_down [E, I, H].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _combine(per_copy, weights, n, k):
+    """per_copy: [N*K, H] in token-major order -> weighted sum over K in the activation dtype."""
+    per_copy = per_copy.reshape(n, k, -1)
+    return jnp.sum(per_copy * weights[..., None].astype(per_copy.dtype), axis=1)
+
+
+def expert_ffn_sorted(x, idx, weights, w_gate, w_up, w_down):
+    n, k = idx.shape
+    e = w_gate.shape[0]
+    flat_idx = idx.reshape(-1)
+    order = jnp.argsort(flat_idx, stable=True)
+    tokens = jnp.repeat(x, k, axis=0)[order]  # [N*K, H], grouped by expert
+    group_sizes = jnp.bincount(flat_idx, length=e).astype(jnp.int32)
+    g = jax.lax.ragged_dot(tokens, w_gate.astype(x.dtype), group_sizes)
+    u = jax.lax.ragged_dot(tokens, w_up.astype(x.dtype), group_sizes)
+    h = jax.nn.silu(g) * u
+    out_sorted = jax.lax.ragged_dot(h, w_down.astype(x.dtype), group_sizes)
+    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+    return _combine(out, weights, n, k)
+
+
+def expert_ffn_gather(x, idx, weights, w_gate, w_up, w_down):
+    n, k = idx.shape
+    wg = w_gate[idx].astype(x.dtype)  # [N, K, H, I]
+    wu = w_up[idx].astype(x.dtype)
+    wd = w_down[idx].astype(x.dtype)  # [N, K, I, H]
+    g = jnp.einsum("NH,NKHI->NKI", x, wg)
+    u = jnp.einsum("NH,NKHI->NKI", x, wu)
+    h = jax.nn.silu(g) * u
+    out = jnp.einsum("NKI,NKIH->NKH", h, wd)
+    return jnp.sum(out * weights[..., None].astype(out.dtype), axis=1)
+
+
+def expert_ffn_dense(x, idx, weights, w_gate, w_up, w_down):
+    e = w_gate.shape[0]
+    g = jnp.einsum("NH,EHI->NEI", x, w_gate.astype(x.dtype))
+    u = jnp.einsum("NH,EHI->NEI", x, w_up.astype(x.dtype))
+    out = jnp.einsum("NEI,EIH->NEH", jax.nn.silu(g) * u, w_down.astype(x.dtype))  # [N, E, H]
+    sel = jnp.take_along_axis(out, idx[..., None], axis=1)  # [N, K, H]
+    del e
+    return jnp.sum(sel * weights[..., None].astype(sel.dtype), axis=1)

@@ -1,0 +1,63 @@
+"""Decoder self-attention: GQA with per-head QK RMSNorm before RoPE, and a functional KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omni_jax.kernels.attention import attention
+from omni_jax.layers.core import Linear, RMSNorm
+from omni_jax.layers.rope import apply_rope
+
+
+def write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """cache [B, S, KV, D], new [B, T, KV, D], start int [B]: cache[b, start[b]:start[b]+T] = new[b]."""
+
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+
+    return jax.vmap(one)(cache, new, start)
+
+
+class Attention(nnx.Module):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qk_norm: bool = True,
+                 eps: float = 1e-6, use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = Linear(hidden, num_heads * head_dim, ("embed", "heads"), use_bias=use_bias, dtype=dtype,
+                             rngs=rngs)
+        self.k_proj = Linear(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=use_bias,
+                             dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=use_bias,
+                             dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(num_heads * head_dim, hidden, ("heads", "embed"), use_bias=use_bias, dtype=dtype,
+                             rngs=rngs)
+        self.q_norm = RMSNorm(head_dim, eps, dtype=dtype, rngs=rngs) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps, dtype=dtype, rngs=rngs) if qk_norm else None
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None):
+        """x [B, T, hidden]; cos/sin [B, T, D]; mask bool [B, T, S].
+
+        Without a cache, attends over the T new tokens (S == T). With `cache=(k, v)` of [B, S, KV, D], writes
+        the new keys/values at `cache_start` [B] and attends over the whole cache (S = cache length); if
+        `cache_start` is None the new tokens start at 0 and attention runs over the T new tokens only (prefill).
+        Returns (out [B, T, hidden], new cache or None).
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        keys, values = k, v
+        if cache is not None:
+            ck, cv = cache
+            start = jnp.zeros((b,), jnp.int32) if cache_start is None else cache_start
+            ck, cv = write_cache(ck, k, start), write_cache(cv, v, start)
+            new_cache = (ck, cv)
+            if cache_start is not None:
+                keys, values = ck.astype(x.dtype), cv.astype(x.dtype)
+        out = attention(q, keys, values, mask, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache

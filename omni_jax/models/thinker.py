@@ -1,0 +1,100 @@
+"""The Thinker: Qwen3-MoE text decoder (QK-norm GQA, interleaved M-RoPE, MoE) with an untied lm_head.
+
+Module attribute names follow the checkpoint's on-disk names (`thinker.model.layers.N.self_attn.q_proj`, ...),
+so the key table in omni_jax/checkpoint/hf.py stays a short list of transforms.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omni_jax.config import TextConfig, ThinkerConfig
+from omni_jax.layers.attention import Attention
+from omni_jax.layers.core import Embed, Linear, RMSNorm
+from omni_jax.layers.mlp import MoE, GatedMLP
+from omni_jax.layers.rope import cos_sin, rope_angles
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        h = cfg.hidden_size
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                   eps=cfg.rms_norm_eps, use_bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.mlp = MoE(h, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                           cfg.norm_topk_prob, cfg.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = GatedMLP(h, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, moe_impl="auto"):
+        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+        x = x + a
+        if self.is_moe:
+            m, probs, top_i = self.mlp(self.post_attention_layernorm(x), impl=moe_impl)
+        else:
+            m, probs, top_i = self.mlp(self.post_attention_layernorm(x)), None, None
+        return x + m, new_cache, (probs, top_i)
+
+
+class TextModel(nnx.Module):
+    """embed_tokens -> layers -> norm. Shared by the thinker and (with a shared expert) the talker."""
+
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+
+    def __call__(self, embeds, positions, mask, cache=None, cache_start=None, deepstack=None,
+                 collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto"):
+        """embeds [B, T, H]; positions int [3, B, T] (or [B, T]); mask bool [B, T, S].
+
+        cache: list of (k, v) per layer or None. deepstack: list of [B, T, H] tensors (zero outside visual
+        positions) added to the outputs of the first len(deepstack) layers. collect_hidden: indices into the
+        reference's `hidden_states` tuple (0 = embeddings, i = output of layer i-1 before DeepStack) to return.
+        Returns (final-normed hidden [B, T, H], new cache, {"hidden": {i: ...}, "router": [(probs, idx), ...]}).
+        """
+        cfg = self.cfg
+        with jax.named_scope("rope"):
+            cos, sin = cos_sin(rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section), embeds.dtype)
+        x = embeds
+        hidden = {}
+        if 0 in collect_hidden:
+            hidden[0] = x
+        new_cache, router = [], []
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl)
+            new_cache.append(c)
+            router.append(r)
+            if i + 1 in collect_hidden:
+                hidden[i + 1] = x
+            if deepstack is not None and i < len(deepstack):
+                x = x + deepstack[i].astype(x.dtype)
+        x = self.norm(x)
+        return x, (new_cache if cache is not None else None), {"hidden": hidden, "router": router}
+
+
+class Thinker(nnx.Module):
+    """Text decoder + lm_head, with the audio and vision encoders attached when the config has them."""
+
+    def __init__(self, cfg: ThinkerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, with_encoders: bool = True):
+        self.cfg = cfg
+        self.model = TextModel(cfg.text_config, dtype=dtype, rngs=rngs)
+        self.lm_head = Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, ("embed", "vocab"),
+                              dtype=dtype, rngs=rngs)
+        # Encoders are wired in by their own issues (audio: #3, vision: #4).
+        self.audio_tower = None
+        self.visual = None
+
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden)
