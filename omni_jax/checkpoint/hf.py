@@ -1,0 +1,161 @@
+"""Import and export of Hugging Face checkpoint directories (config.json + safetensors shards + index).
+
+Import builds the model abstractly (`nnx.eval_shape`), then streams tensors one at a time from memory-mapped
+shards through the key table, so host memory peaks at about the model being built plus one tensor (a stacked
+expert buffer at most). Export runs the same key table backwards and writes sharded safetensors with an index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omni_jax.checkpoint import keys as K
+from omni_jax.checkpoint import safetensors_io as S
+from omni_jax.checkpoint.assign import CheckpointError, Report, flat_params, get_value, load_tensors
+from omni_jax.config import ConfigError, OmniConfig
+from omni_jax.models.omni import OmniModel
+
+INDEX = "model.safetensors.index.json"
+# Files copied alongside the weights on export (tokenizer, chat template, processor, generation settings).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
+              "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json")
+
+
+def shard_files(path: str) -> list[str]:
+    """The safetensors files of an HF directory, checking that every shard named by the index exists."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model directory not found: {path}")
+    idx = os.path.join(path, INDEX)
+    if os.path.exists(idx):
+        with open(idx) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{idx} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        missing = [fn for fn in files if not os.path.exists(os.path.join(path, fn))]
+        if missing:
+            raise CheckpointError(f"{path}: missing shard file(s) named in {INDEX}: {', '.join(missing)}")
+        return [os.path.join(path, fn) for fn in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    found = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
+    if found:
+        return [os.path.join(path, fn) for fn in found]
+    raise CheckpointError(f"{path}: no model.safetensors, {INDEX} or *.safetensors files")
+
+
+def load_config(path: str) -> OmniConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ConfigError(f"{path}: no config.json")
+    return OmniConfig.from_hf(cfg_path)
+
+
+def iter_checkpoint(path: str):
+    for fn in shard_files(path):
+        yield from S.iter_tensors(fn)
+
+
+def load_hf(path: str, *, dtype=jnp.float32, parts: tuple[str, ...] | None = None, shardings=None,
+            progress=None) -> tuple[OmniModel, OmniConfig]:
+    """Load an HF directory into an OmniModel with parameters of `dtype`.
+
+    parts: which of ("thinker", "talker", "code2wav") to build (default: all the config has). Tensors of parts
+    not built are skipped deliberately; anything else unmapped, missing or mis-shaped raises CheckpointError.
+    """
+    cfg = load_config(path)
+    files = shard_files(path)
+    model = nnx.eval_shape(lambda: OmniModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), parts=parts))
+    report = load_tensors(model, (kv for fn in files for kv in S.iter_tensors(fn)), dtype=dtype,
+                          shardings=shardings, skip_prefixes=model.skipped_prefixes(), progress=progress,
+                          strict=False)
+    report.raise_if_bad(f"checkpoint {path}")
+    return model, cfg
+
+
+def export_items(model: nnx.Module, root: str = "", dtype=None):
+    """Yield (hf_key, numpy array) for every parameter, through the key table run backwards."""
+    rules = K.all_rules()
+    pre = root + "." if root else ""
+    for path, var in flat_params(model).items():
+        full = pre + path
+        for rule in rules:
+            m = rule.ours_re.match(full)
+            if m is None:
+                continue
+            tr = K.TRANSFORMS[rule.transform]
+            if tr.to_hf is None:
+                raise CheckpointError(f"no export transform for {full} (rule {rule.hf})")
+            value = np.asarray(jax.device_get(get_value(var)))
+            if dtype is not None:
+                value = value.astype(dtype)
+            groups = m.groupdict()
+            stack = rule.stack_names
+            if stack:
+                for i in range(value.shape[0]):
+                    yield rule.format_hf({**groups, stack[0]: i}), tr.to_hf(value[i])
+            else:
+                yield rule.format_hf(groups), tr.to_hf(value)
+            break
+        else:
+            raise CheckpointError(f"parameter {full} has no rule in the key table (export)")
+
+
+def save_hf(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, max_shard_bytes: int = 4 << 30,
+            copy_from: str | None = None, progress=None):
+    """Write an HF directory: sharded safetensors + index, config.json, and side files copied from `copy_from`."""
+    os.makedirs(out, exist_ok=True)
+    shard, shard_bytes, total = {}, 0, 0
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f"shard-{len(written):05d}.tmp"
+        S.write_file(os.path.join(out, name), shard, {"format": "pt"})
+        written.append((name, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for key, value in export_items(model, dtype=dtype):
+        if shard and shard_bytes + value.nbytes > max_shard_bytes:
+            flush()
+        shard[key] = value
+        shard_bytes += value.nbytes
+        total += value.nbytes
+        if progress is not None:
+            progress(key)
+    if shard:
+        flush()
+    tmp_names = written
+    n = len(tmp_names)
+    weight_map = {}
+    for i, (tmp, keys) in enumerate(tmp_names):
+        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(os.path.join(out, tmp), os.path.join(out, final))
+        for k in keys:
+            weight_map[k] = final
+    if n > 1:
+        with open(os.path.join(out, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                      indent=2)
+    hf_cfg = cfg.to_hf()
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(np.dtype(dtype).name)
+    if "talker" not in model.parts:
+        hf_cfg["enable_audio_output"] = False
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    if copy_from:
+        for fn in SIDE_FILES:
+            src = os.path.join(copy_from, fn)
+            if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out, fn)):
+                shutil.copy(src, os.path.join(out, fn))
+    return Report()

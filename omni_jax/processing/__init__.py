@@ -1,0 +1,1 @@
+"""Input processing on the host (numpy): audio (load, resample, log-mel), vision (images, video), chat text."""
