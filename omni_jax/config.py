@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from omni_jax.errors import OmniJaxError
 
 
-class ConfigError(ValueError):
+class ConfigError(OmniJaxError):
     """A config.json (or preset) that cannot describe a buildable model."""
 
 

@@ -11,18 +11,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from omni_jax.errors import OmniJaxError
 from omni_jax.models.thinker import Thinker
 from omni_jax.sampling import SamplingParams, next_token
 
 
-class GenerationError(ValueError):
+class GenerationError(OmniJaxError):
     """Bad generation request (too long for the context, empty prompt, ...)."""
 
 

@@ -1,9 +1,5 @@
 """Token sampling with Hugging Face's logits-warper semantics (temperature -> top-k -> top-p), pure JAX.
 
-NOTE for the lead: this file was accidentally overwritten by the speech-output helper a minute after you created
-it; `SamplingParams` / `next_token` below are a reconstruction from their use in omni_jax/generate.py
-(greedy default, temperature/top_k/top_p, HF repetition penalty over `seen` ids, seed). Please re-check.
-
 `filter_logits` reproduces the warper chain that `transformers` applies when `do_sample=True`:
 
 - temperature: `logits / temperature` (skipped when temperature == 1, as HF does);
@@ -22,6 +18,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from omni_jax.errors import OmniJaxError
+
+
+class SamplingError(OmniJaxError):
+    """Invalid sampling parameters."""
 
 
 def filter_logits(logits: jnp.ndarray, temperature: float = 1.0, top_k: int | None = None,
@@ -74,6 +76,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int = 0
 
+    def __post_init__(self):
+        if not self.greedy and not self.temperature > 0:
+            raise SamplingError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
 
 def apply_repetition_penalty(logits: jnp.ndarray, seen: jnp.ndarray, penalty: float) -> jnp.ndarray:
     """HF RepetitionPenaltyLogitsProcessor: for ids already seen, logit<0 -> logit*penalty else logit/penalty.
@@ -85,11 +97,15 @@ def apply_repetition_penalty(logits: jnp.ndarray, seen: jnp.ndarray, penalty: fl
     return jnp.where(seen, penalised, x)
 
 
-def next_token(logits: jnp.ndarray, rng: jax.Array, params: SamplingParams, seen: jnp.ndarray | None = None):
-    """logits float[B, V] -> ids int32[B]: repetition penalty (if any), then greedy argmax or HF-style sampling."""
+def next_token(logits: jnp.ndarray, rng: jax.Array, params: SamplingParams, seen: jnp.ndarray | None = None,
+               suppress: jnp.ndarray | None = None):
+    """logits float[B, V] -> ids int32[B]: repetition penalty (if any), suppressed ids (bool [V]) set to -inf,
+    then greedy argmax or HF-style sampling."""
     x = logits.astype(jnp.float32)
     if seen is not None and params.repetition_penalty != 1.0:
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    if suppress is not None:
+        x = jnp.where(suppress, -jnp.inf, x)
     if params.greedy:
         return greedy(x)
     return sample_logits(x, rng, params.temperature, params.top_k, params.top_p)

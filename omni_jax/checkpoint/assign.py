@@ -12,7 +12,7 @@ memory is the model being built plus one stacked buffer. Problems are collected 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 from omni_jax.checkpoint import keys as K
+from omni_jax.errors import OmniJaxError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OmniJaxError):
     """A checkpoint that does not match the model: every problem is listed in the message."""
 
 
@@ -153,7 +154,7 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]] | 
                     del buffers[path]
             if progress is not None:
                 progress(key)
-    for path, (buf, seen) in buffers.items():
+    for path, (_buf, seen) in buffers.items():
         n = _target_shape(params[path])[0]
         report.missing.append(f"{path}: items {sorted(set(range(n)) - seen)[:10]} of {n}")
     for path in params:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
+
+from omni_jax.errors import OmniJaxError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -23,7 +25,7 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(OmniJaxError):
     pass
 
 

@@ -28,16 +28,18 @@ class OmniModel(nnx.Module):
         self.cfg = cfg
         self.parts = parts
         self.thinker = Thinker(cfg.thinker_config, dtype=dtype, rngs=rngs)
-        self.talker = None
-        self.code2wav = None
         if "talker" in parts:
             from omni_jax.models.talker import Talker
 
             self.talker = Talker(cfg.talker_config, dtype=dtype, rngs=rngs)
+        else:
+            self.talker = None
         if "code2wav" in parts:
             from omni_jax.models.code2wav import Code2Wav
 
             self.code2wav = Code2Wav(cfg.code2wav_config, dtype=dtype, rngs=rngs)
+        else:
+            self.code2wav = None
 
     def skipped_prefixes(self) -> tuple[str, ...]:
         """Checkpoint prefixes that this model deliberately does not hold."""

@@ -1,0 +1,76 @@
+"""Orbax save/restore of an OmniModel's parameters (all Orbax calls live here).
+
+Layout of a converted directory: `config.json` + tokenizer/processor side files (as in an HF directory) and
+`params/` (an Orbax PyTree checkpoint of the parameter state). `is_orbax_dir` tells the two formats apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from omni_jax.checkpoint.assign import CheckpointError
+from omni_jax.config import OmniConfig
+from omni_jax.models.omni import OmniModel
+
+PARAMS = "params"
+META = "omni_jax.json"
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS)) and os.path.exists(os.path.join(path, META))
+
+
+def save_orbax(model: OmniModel, cfg: OmniConfig, out: str, *, copy_from: str | None = None):
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    target = os.path.join(out, PARAMS)
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    state = nnx.state(model, nnx.Param)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(target, nnx.to_pure_dict(state))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg.to_hf(), f, indent=2)
+    dtype = str(jax.tree.leaves(state)[0].dtype)
+    with open(os.path.join(out, META), "w") as f:
+        json.dump({"format": "omni_jax-orbax", "parts": list(model.parts), "param_dtype": dtype}, f)
+    if copy_from:
+        from omni_jax.checkpoint.hf import SIDE_FILES
+
+        for fn in SIDE_FILES:
+            src = os.path.join(copy_from, fn)
+            if os.path.exists(src):
+                shutil.copy(src, os.path.join(out, fn))
+
+
+def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None):
+    """Restore (model, cfg). dtype defaults to the saved parameter dtype; parts must be a subset of the saved."""
+    path = os.path.abspath(path)
+    if not is_orbax_dir(path):
+        raise CheckpointError(f"{path} is not an omni_jax Orbax checkpoint (no {PARAMS}/ and {META})")
+    with open(os.path.join(path, META)) as f:
+        meta = json.load(f)
+    cfg = OmniConfig.from_hf(os.path.join(path, "config.json"))
+    saved_parts = tuple(meta["parts"])
+    parts = saved_parts if parts is None else tuple(parts)
+    if not set(parts) <= set(saved_parts):
+        raise CheckpointError(f"{path} holds parts {saved_parts}; asked for {parts}")
+    dtype = jnp.dtype(dtype or meta["param_dtype"])
+    abstract = nnx.eval_shape(lambda: OmniModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), parts=parts))
+    graphdef, abs_state = nnx.split(abstract)
+    # Restore only the parts asked for: Orbax reads the subtree named by the target and nothing else.
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abs_state))
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(path, PARAMS),
+                                 args=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(
+                                     lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=single), target)))
+    nnx.replace_by_pure_dict(abs_state, restored)
+    return nnx.merge(graphdef, abs_state), cfg

@@ -1,0 +1,120 @@
+"""`omni-jax` command line: thin parsing around omni_jax.inference / checkpoint / init."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate a reply for a messages file",
+                       description="Run the thinker on a chat (messages JSON file) and print the reply.")
+    p.add_argument("--model", required=True, help="HF model directory or Orbax checkpoint written by convert")
+    p.add_argument("--messages", required=True, help='JSON list of {"role": ..., "content": str | [parts]}')
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: generation_config.json or 256")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids and text")
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert between HF safetensors and Orbax",
+                       description="Convert a model directory (HF or Orbax) to Orbax or back to an HF directory.")
+    p.add_argument("--model", required=True, help="source: HF directory or omni_jax Orbax checkpoint")
+    p.add_argument("--out", required=True, help="destination directory")
+    p.add_argument("--to", required=True, choices=["orbax", "hf"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="parameter dtype of the result (default: as stored)")
+    p.add_argument("--max-shard-size", type=str, default="4GB", help="HF export shard size, e.g. 500MB")
+
+
+def _add_init(sub):
+    p = sub.add_parser("init", help="write a random model as a complete HF directory",
+                       description="Write a randomly initialised model (with tokenizer and chat template) so that "
+                                   "`omni-jax generate` can run at once.")
+    p.add_argument("--preset", default="tiny", help="architecture preset (tiny)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _size(s: str) -> int:
+    s = s.strip().upper()
+    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[:-len(unit)]) * mult)
+    return int(s)
+
+
+def cmd_generate(a) -> int:
+    from omni_jax.inference import OmniSession
+    from omni_jax.processing.chat import load_messages
+
+    messages = load_messages(a.messages)  # validate the request before loading weights
+    session = OmniSession(a.model, dtype=a.dtype)
+    sampling = session.sampling(greedy=True if a.greedy else None, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p, seed=a.seed)
+    out = session.generate(messages, max_new_tokens=a.max_new_tokens, sampling=sampling)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(out["text"])
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from tqdm import tqdm
+
+    from omni_jax.checkpoint import hf as hf_io
+    from omni_jax.checkpoint import orbax_io
+    from omni_jax.inference import DTYPES
+
+    dtype = DTYPES[a.dtype] if a.dtype else None
+    if orbax_io.is_orbax_dir(a.model):
+        model, cfg = orbax_io.load_orbax(a.model, dtype=dtype)
+    else:
+        total = sum(len(hf_io.S.read_header(f)[0]) for f in hf_io.shard_files(a.model))
+        with tqdm(total=total, desc="reading", unit="tensor") as bar:
+            model, cfg = hf_io.load_hf(a.model, dtype=dtype or "float32" and __import__("jax.numpy").numpy.float32,
+                                       progress=lambda k: bar.update(1))
+    if a.to == "orbax":
+        orbax_io.save_orbax(model, cfg, a.out, copy_from=a.model)
+    else:
+        with tqdm(desc="writing", unit="tensor") as bar:
+            hf_io.save_hf(model, cfg, a.out, max_shard_bytes=_size(a.max_shard_size), copy_from=a.model,
+                          progress=lambda k: bar.update(1))
+    print(f"wrote {a.to} checkpoint to {a.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_init(a) -> int:
+    from omni_jax.init_model import write_random_model
+
+    write_random_model(a.out, preset_name=a.preset, seed=a.seed)
+    print(f"wrote a random {a.preset} model to {a.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen3-Omni in JAX: generate, convert, init.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_generate(sub)
+    _add_convert(sub)
+    _add_init(sub)
+    a = parser.parse_args(argv)
+    handlers = {"generate": cmd_generate, "convert": cmd_convert, "init": cmd_init}
+    from omni_jax.errors import user_errors
+
+    try:
+        return handlers[a.cmd](a)
+    except user_errors() as e:
+        print(f"omni-jax {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
