@@ -30,7 +30,7 @@ def _loop(x, idx, w, wg, wu, wd):
     return out
 
 
-@pytest.mark.parametrize("impl", ["sorted", "gather", "dense", "auto"])
+@pytest.mark.parametrize("impl", ["sorted", "tiled", "gather", "dense", "auto"])
 def test_impls_match_loop(impl):
     args = _inputs()
     want = _loop(*args)
@@ -38,17 +38,27 @@ def test_impls_match_loop(impl):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_unused_experts_and_skewed_routing():
-    x, idx, w, wg, wu, wd = _inputs(n=9, e=8, k=2, seed=1)
+@pytest.mark.parametrize("impl", ["sorted", "tiled"])
+def test_unused_experts_and_skewed_routing(impl):
+    x, idx, w, wg, wu, wd = _inputs(n=40, e=8, k=2, seed=1)
     idx[:] = np.array([5, 2])  # every token on the same two experts; others empty groups
     want = _loop(x, idx, w, wg, wu, wd)
-    got = api.expert_ffn(*map(jnp.asarray, (x, idx, w, wg, wu, wd)), impl="sorted")
+    got = api.expert_ffn(*map(jnp.asarray, (x, idx, w, wg, wu, wd)), impl=impl)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_with_tiles_smaller_than_groups():
+    from omni_jax.kernels.moe.ref import expert_ffn_tiled
+
+    args = _inputs(n=50, e=4, k=2, seed=2)
+    got = expert_ffn_tiled(*map(jnp.asarray, args), tile=8)
+    np.testing.assert_allclose(np.asarray(got), _loop(*args), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_picks_gather_for_decode_and_sorted_for_prefill():
     assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128) == "gather"
-    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128) == "sorted"
+    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="tpu") == "sorted"
+    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="cpu") == "tiled"
     with pytest.raises(ValueError, match="unknown expert_ffn impl"):
         api.expert_ffn(*map(jnp.asarray, _inputs()), impl="nope")
 

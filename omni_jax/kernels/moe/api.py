@@ -8,14 +8,21 @@ On CPU/GPU XLA lowers `ragged_dot` densely over all experts, so for decode the g
 
 from __future__ import annotations
 
-from omni_jax.kernels.moe.ref import expert_ffn_dense, expert_ffn_gather, expert_ffn_sorted
+import jax
 
-IMPLS = {"sorted": expert_ffn_sorted, "gather": expert_ffn_gather, "dense": expert_ffn_dense}
+from omni_jax.kernels.moe.ref import expert_ffn_dense, expert_ffn_gather, expert_ffn_sorted, expert_ffn_tiled
+
+IMPLS = {"sorted": expert_ffn_sorted, "tiled": expert_ffn_tiled, "gather": expert_ffn_gather,
+         "dense": expert_ffn_dense}
 
 
-def choose_impl(num_tokens: int, top_k: int, num_experts: int) -> str:
-    # Gathering costs N*K expert weight reads; the grouped matmul touches (on XLA CPU/GPU) every expert.
-    return "gather" if num_tokens * top_k <= num_experts else "sorted"
+def choose_impl(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
+    """Gather when the token copies are fewer than the experts (decode); else grouped matmul: `ragged_dot` on
+    TPU (native grouped matmul), row tiles elsewhere (XLA's CPU/GPU `ragged_dot` is dense over all experts)."""
+    if num_tokens * top_k <= num_experts:
+        return "gather"
+    backend = backend or jax.default_backend()
+    return "sorted" if backend == "tpu" else "tiled"
 
 
 def expert_ffn(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):

@@ -3,6 +3,9 @@
     y[n] = sum_k weights[n, k] * down_e( silu(x[n] @ gate_e) * (x[n] @ up_e) ),   e = idx[n, k]
 
 - `expert_ffn_sorted`: token copies sorted by expert, grouped matmul with `jax.lax.ragged_dot` (prefill/training).
+- `expert_ffn_tiled`: token copies sorted by expert into fixed-size row tiles, each tile owned by one expert, then
+  one batched matmul over tiles (megablox's layout in plain XLA; the CPU prefill path, where XLA's `ragged_dot`
+  is dense over all experts).
 - `expert_ffn_gather`: gathers only the selected experts' weights per token (decode: few tokens, reads k experts).
 - `expert_ffn_dense`: every expert on every token, masked combine. Test oracle only.
 
@@ -56,3 +59,38 @@ def expert_ffn_dense(x, idx, weights, w_gate, w_up, w_down):
     sel = jnp.take_along_axis(out, idx[..., None], axis=1)  # [N, K, H]
     del e
     return jnp.sum(sel * weights[..., None].astype(sel.dtype), axis=1)
+
+
+def tile_rows(num_copies: int, num_experts: int) -> int:
+    """Row-tile size: about the mean group size, a power of two in [8, 128]."""
+    t = 8
+    while t < 128 and t < num_copies // max(num_experts, 1):
+        t *= 2
+    return t
+
+
+def expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, tile: int | None = None):
+    n, k = idx.shape
+    e = w_gate.shape[0]
+    m = n * k
+    t = tile or tile_rows(m, e)
+    num_tiles = -(-(m + e * (t - 1)) // t)  # static bound: every group padded to a whole number of tiles
+    flat_idx = idx.reshape(-1)
+    order = jnp.argsort(flat_idx, stable=True)
+    sorted_e = flat_idx[order]
+    sizes = jnp.bincount(flat_idx, length=e)
+    padded = (sizes + t - 1) // t * t
+    starts = jnp.cumsum(padded) - padded  # padded start row of each expert
+    first = jnp.cumsum(sizes) - sizes  # unpadded start of each expert in the sorted order
+    row = starts[sorted_e] + (jnp.arange(m) - first[sorted_e])  # padded row of each sorted copy
+    tokens = jnp.repeat(x, k, axis=0)[order]
+    buf = jnp.zeros((num_tiles * t, x.shape[1]), x.dtype).at[row].set(tokens)
+    ends = jnp.cumsum(padded)
+    tile_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * t, side="right"), e - 1)
+    xt = buf.reshape(num_tiles, t, -1)
+    g = jnp.einsum("XTH,XHI->XTI", xt, w_gate[tile_e].astype(x.dtype))
+    u = jnp.einsum("XTH,XHI->XTI", xt, w_up[tile_e].astype(x.dtype))
+    out = jnp.einsum("XTI,XIH->XTH", jax.nn.silu(g) * u, w_down[tile_e].astype(x.dtype))
+    out_sorted = out.reshape(num_tiles * t, -1)[row]
+    per_copy = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+    return _combine(per_copy, weights, n, k)
