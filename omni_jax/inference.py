@@ -82,11 +82,9 @@ class OmniSession:
                               else repetition_penalty, seed=seed)
 
     def prompt_ids(self, messages) -> list[int]:
-        parts = [p for m in messages for p in m.parts if p.type != "text"]
-        if parts:
-            kinds = sorted({p.type for p in parts})
-            raise chat.MessagesError(f"{', '.join(kinds)} input is not supported yet by this build "
-                                     "(text only)")
+        kinds = [k for k in ("audio", "image", "video") if chat.media_parts(messages, k)]
+        if kinds:
+            raise chat.MessagesError(f"{', '.join(kinds)} input is not supported yet by this build (text only)")
         return chat.build_prompt(self.tokenizer, messages)
 
     def generate(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None) -> dict:
