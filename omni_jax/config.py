@@ -499,6 +499,7 @@ class TalkerConfig(_HFConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "speaker_id", tuple(sorted((str(k).lower(), int(v)) for k, v in self.speaker_id)))
         v = self.text_config.vocab_size
         for name in ("codec_eos_token_id", "codec_nothink_id", "codec_think_bos_id", "codec_think_eos_id",
                      "codec_pad_id", "codec_bos_id"):

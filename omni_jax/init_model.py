@@ -14,6 +14,9 @@ from omni_jax.config import ConfigError, TINY_VOCAB, preset
 from omni_jax.models.omni import OmniModel, default_parts
 
 
+EXAMPLE_MESSAGES = "example_messages.json"
+
+
 def write_random_model(out: str, *, preset_name: str = "tiny", seed: int = 0, parts=None,
                        max_shard_bytes: int = 4 << 30) -> str:
     cfg = preset(preset_name)
@@ -30,4 +33,7 @@ def write_random_model(out: str, *, preset_name: str = "tiny", seed: int = 0, pa
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"do_sample": False, "max_new_tokens": 32, "eos_token_id": [cfg.im_end_token_id],
                    "pad_token_id": cfg.im_end_token_id}, f, indent=2)
+    with open(os.path.join(out, EXAMPLE_MESSAGES), "w") as f:
+        json.dump([{"role": "system", "content": "You are a helpful assistant."},
+                   {"role": "user", "content": "Say hello in three words."}], f, indent=2)
     return out

@@ -72,8 +72,8 @@ def load_hf(path: str, *, dtype=jnp.float32, parts: tuple[str, ...] | None = Non
     parts: which of ("thinker", "talker", "code2wav") to build (default: all the config has). Tensors of parts
     not built are skipped deliberately; anything else unmapped, missing or mis-shaped raises CheckpointError.
     """
-    cfg = load_config(path)
     files = shard_files(path)
+    cfg = load_config(path)
     model = nnx.eval_shape(lambda: OmniModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), parts=parts))
     report = load_tensors(model, (kv for fn in files for kv in S.iter_tensors(fn)), dtype=dtype,
                           shardings=shardings, skip_prefixes=model.skipped_prefixes(), progress=progress,
