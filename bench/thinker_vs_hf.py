@@ -56,7 +56,7 @@ def time_hf(hf, ids, new):
     return prefill, max(total - prefill, 1e-9) / (new - 1), toks
 
 
-def time_jax(path, ids, new):
+def time_jax(path, ids, new, moe_impl="auto"):
     import jax
 
     from omni_jax.checkpoint.hf import load_hf
@@ -64,7 +64,7 @@ def time_jax(path, ids, new):
     from omni_jax.sampling import SamplingParams
 
     model, _ = load_hf(path, parts=("thinker",))
-    gen = ThinkerGenerator(model.thinker)
+    gen = ThinkerGenerator(model.thinker, moe_impl=moe_impl)
     batch = text_prompt_batch([list(ids[0])], min_bucket=len(ids[0]))
     greedy = SamplingParams()
     gen.generate(batch, max_new_tokens=new, sampling=greedy)  # compile prefill + decode
@@ -104,6 +104,8 @@ def main(argv=None):
         ids = np.random.RandomState(0).randint(0, 490, (1, args.prompt))
         hp, hd, htoks = time_hf(hf, ids, args.new)
         jp, jd, jtoks = time_jax(d, ids, args.new)
+        # Decode with every expert touched (grouped matmul for one token) vs only the selected ones (gather).
+        _, jd_grouped, _ = time_jax(d, ids, args.new, moe_impl="tiled")
     same = htoks == jtoks[:len(htoks)]
     print(f"config: hidden {args.hidden}, layers {args.layers}, experts {args.experts} top-{args.top_k}, "
           f"prompt {args.prompt}, new {args.new}; jax {jax.__version__} ({jax.devices()[0].platform}), "
@@ -112,6 +114,8 @@ def main(argv=None):
     print(f"{'':10s} {'omni_jax':>12s} {'transformers':>14s} {'ratio':>8s}")
     print(f"{'prefill':10s} {args.prompt / jp:10.0f}/s {args.prompt / hp:12.0f}/s {hp / jp:7.2f}x")
     print(f"{'decode':10s} {1 / jd:10.1f}/s {1 / hd:12.1f}/s {hd / jd:7.2f}x")
+    print(f"decode MoE path: selected experts only (gather) {1 / jd:.1f}/s vs grouped matmul over all experts "
+          f"{1 / jd_grouped:.1f}/s ({jd_grouped / jd:.2f}x)")
     return 0 if same else 1
 
 

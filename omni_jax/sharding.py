@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Logical axes used by omni_jax weights and activations.
 LOGICAL_AXES = (

@@ -91,3 +91,26 @@ def test_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.enable_audio_output = False
     assert hash(cfg.text) == hash(C.tiny().text)
+
+
+def test_released_full_model_parameter_count_and_tensor_count():
+    """The whole released checkpoint: 35,259,818,545 parameters in 28,010 on-disk tensors (reference §1, §9.1)."""
+    from omni_jax.checkpoint import keys as K
+    from omni_jax.checkpoint.assign import flat_params
+    from omni_jax.models.omni import OmniModel
+
+    model = nnx.eval_shape(lambda: OmniModel(C.released_30b_a3b(), rngs=nnx.Rngs(0)))
+    assert _count(model) == 35_259_818_545
+    parts = {"thinker.model": 30_221_219_840, "thinker.lm_head": 311_427_072, "thinker.audio_tower": 647_927_168,
+             "thinker.visual": 538_631_408, "talker": 3_324_596_480, "code2wav": 216_016_577}
+    for name, n in parts.items():
+        obj = model
+        for a in name.split("."):
+            obj = getattr(obj, a)
+        assert _count(obj) == n, name
+    tensors = 0
+    rules = K.all_rules()
+    for path, var in flat_params(model).items():
+        rule = next(r for r in rules if r.ours_re.match(path))
+        tensors += var.shape[0] if rule.stack_names else 1
+    assert tensors == 28_010

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class Rule:
     hf_shape_hint: str | None = None
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def _regex(template: str) -> re.Pattern:
         out, pos = [], 0
         for m in PLACEHOLDER.finditer(template):
@@ -80,7 +80,12 @@ class Rule:
 
     @property
     def ours_re(self):
-        return self._regex(self.ours)
+        # A placeholder constrained in the HF template (e.g. `{p:decoder\.\d+}`, which may span dots) keeps that
+        # constraint on our side, so export matches exactly the paths import produces.
+        constraints = {m.group(1): m.group(2) for m in PLACEHOLDER.finditer(self.hf) if m.group(2)}
+        ours = PLACEHOLDER.sub(lambda m: "{%s:%s}" % (m.group(1), m.group(2) or constraints.get(m.group(1), "[^.]+")),
+                               self.ours)
+        return self._regex(ours)
 
     @property
     def stack_names(self) -> tuple[str, ...]:

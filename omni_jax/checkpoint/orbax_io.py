@@ -69,8 +69,9 @@ def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None):
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abs_state))
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.PyTreeCheckpointer() as ckptr:
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=single), target)
+        extra = {"partial_restore": True} if parts != saved_parts else {}
         restored = ckptr.restore(os.path.join(path, PARAMS),
-                                 args=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(
-                                     lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=single), target)))
+                                 args=ocp.args.PyTreeRestore(target, restore_args=restore_args, **extra))
     nnx.replace_by_pure_dict(abs_state, restored)
     return nnx.merge(graphdef, abs_state), cfg

@@ -75,11 +75,12 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
+        ct = jnp.promote_types(x.dtype, jnp.float32)  # fp32 statistics for bf16/fp32; fp64 stays fp64
+        xf = x.astype(ct)
         mu = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
         y = (xf - mu) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = y * self.weight[...].astype(ct) + self.bias[...].astype(ct)
         return y.astype(x.dtype)
 
 

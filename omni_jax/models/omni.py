@@ -43,9 +43,4 @@ class OmniModel(nnx.Module):
 
     def skipped_prefixes(self) -> tuple[str, ...]:
         """Checkpoint prefixes that this model deliberately does not hold."""
-        out = [f"{p}." for p in ALL_PARTS if getattr(self, p) is None]
-        if self.thinker.audio_tower is None:
-            out.append("thinker.audio_tower.")
-        if self.thinker.visual is None:
-            out.append("thinker.visual.")
-        return tuple(out)
+        return tuple(f"{p}." for p in ALL_PARTS if getattr(self, p) is None)

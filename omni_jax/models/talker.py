@@ -77,6 +77,9 @@ class Talker(nnx.Module):
     def next_frame_embedding(self, c0: jnp.ndarray, residual_codes: jnp.ndarray) -> jnp.ndarray:
         """Sum of all G codebook embeddings of a frame (P12), without the text track.
 
-        c0 int [B] (codebook 0), residual_codes int [B, G-1] (codebooks 1..G-1) -> [B, H].
+        c0 int [B] (codebook 0), residual_codes int [B, G-1] (codebooks 1..G-1) -> [B, H]. Summed over one stacked
+        [B, G, H] axis, as the reference does (`codec_hiddens.sum(1)`).
         """
-        return self.embed_codes(c0) + self.code_predictor.residual_embedding(residual_codes)
+        parts = jnp.concatenate([self.embed_codes(c0)[:, None, :],
+                                 self.code_predictor.residual_embeddings(residual_codes)], axis=1)
+        return jnp.sum(parts, axis=1)

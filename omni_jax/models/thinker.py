@@ -13,8 +13,16 @@ from flax import nnx
 from omni_jax.config import TextConfig, ThinkerConfig
 from omni_jax.layers.attention import Attention
 from omni_jax.layers.core import Embed, Linear, RMSNorm
-from omni_jax.layers.mlp import MoE, GatedMLP
+from omni_jax.layers.mlp import GatedMLP, MoE
 from omni_jax.layers.rope import cos_sin, rope_angles
+from omni_jax.models.audio_encoder import AudioEncoder, packed_row_index
+from omni_jax.models.vision_encoder import VisionEncoder
+
+
+def _ranks(slots):
+    """For a bool [B, L] mask: each slot's rank among all slots of the batch in row-major order."""
+    flat = slots.reshape(-1).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(flat) - 1, 0).reshape(slots.shape)
 
 
 class DecoderLayer(nnx.Module):
@@ -89,12 +97,43 @@ class Thinker(nnx.Module):
         self.model = TextModel(cfg.text_config, dtype=dtype, rngs=rngs)
         self.lm_head = Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, ("embed", "vocab"),
                               dtype=dtype, rngs=rngs)
-        # Encoders are wired in by their own issues (audio: #3, vision: #4).
-        self.audio_tower = None
-        self.visual = None
+        self.audio_tower = AudioEncoder(cfg.audio_config, dtype=dtype, rngs=rngs) if with_encoders else None
+        self.visual = VisionEncoder(cfg.vision_config, dtype=dtype, rngs=rngs) if with_encoders else None
 
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
+
+    def input_embeddings(self, input_ids, *, audio=None, image=None, video=None, audio_conv_batch=None):
+        """Token embeddings with encoder rows scattered into their placeholders (reference §2.5).
+
+        input_ids int [B, L]. audio: (features [Na, mel, T], frame_lengths [Na]) for every audio of the batch in
+        prompt order (encoded together, as the reference does). image / video: (pixel_values [P, C*T*p*p],
+        grid_thw: static tuple of (t, h, w)). Returns (embeds [B, L, H], deepstack list of [B, L, H] or None):
+        DeepStack features are placed at image/video positions (zeros elsewhere).
+        """
+        cfg = self.cfg
+        x = self.embed(input_ids)
+        dtype = x.dtype
+        if audio is not None:
+            with jax.named_scope("audio_encoder"):
+                tokens, lengths = self.audio_tower(*audio, conv_batch=audio_conv_batch)
+            slots = input_ids == cfg.audio_token_id
+            ranks = _ranks(slots)
+            rows = packed_row_index(lengths, ranks, tokens.shape[1])
+            feats = tokens.reshape(-1, tokens.shape[-1])[rows]
+            x = jnp.where(slots[..., None], feats.astype(dtype), x)
+        deepstack = None
+        for kind, inputs, token_id in (("image", image, cfg.image_token_id), ("video", video, cfg.video_token_id)):
+            if inputs is None:
+                continue
+            with jax.named_scope(f"vision_encoder_{kind}"):
+                merged, levels = self.visual(*inputs)
+            slots = input_ids == token_id
+            ranks = jnp.clip(_ranks(slots), 0, merged.shape[0] - 1)
+            x = jnp.where(slots[..., None], merged[ranks].astype(dtype), x)
+            placed = [jnp.where(slots[..., None], lv[ranks].astype(dtype), 0) for lv in levels]
+            deepstack = placed if deepstack is None else [a + b for a, b in zip(deepstack, placed)]
+        return x, deepstack
 
     def logits(self, hidden):
         return self.lm_head(hidden)

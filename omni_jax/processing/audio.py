@@ -13,6 +13,8 @@ import warnings
 
 import numpy as np
 
+from omni_jax.errors import OmniJaxError
+
 SAMPLING_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
@@ -22,7 +24,7 @@ N_WINDOW = 50
 TOKENS_PER_FULL_CHUNK = 13
 
 
-class AudioError(ValueError):
+class AudioError(OmniJaxError):
     """An audio input that cannot be used: missing, empty, undecodable, too short or too long."""
 
 

@@ -1,0 +1,197 @@
+"""Images and video frames -> vision-encoder patches (numpy + Pillow, no torch).
+
+Reproduces the Qwen2-VL image/video processors as Qwen3-Omni configures them (reference spec §5.1, §5.2, P16):
+RGB conversion (transparency composited onto white), `smart_resize` to multiples of patch_size*merge_size (32),
+bicubic resize with Pillow, rescale by 1/255, normalise with mean = std = 0.5, then patchify.
+
+Patch order (what the vision encoder expects): for each temporal grid index, the 2x2 merge blocks in raster order
+and the 4 patches of a block in raster order, i.e. (grid_t, block_row, block_col, in_row, in_col). Each patch
+vector is flatten(C, T, P, P) = 3*2*16*16 = 1536 values, channel-major. A still image fills the T axis with copies
+of itself.
+
+Resizing: transformers' PIL backend (`Qwen2VLImageProcessorPil`) resizes exactly like this module (bit-identical
+output). Its default torchvision backend and the video processor use torch's antialiased bicubic instead, which
+differs by a few uint8 levels on resized inputs (the grid is identical); inputs whose sides are already multiples
+of 32 and inside the pixel budget are not resized and match every backend exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from omni_jax.errors import OmniJaxError
+
+
+class VisionInputError(OmniJaxError):
+    """An image or video the processor cannot turn into patches (the message names the problem)."""
+
+
+# Released Qwen3-Omni processor values (preprocessor_config.json / processor defaults).
+PATCH_SIZE = 16
+TEMPORAL_PATCH_SIZE = 2
+MERGE_SIZE = 2
+IMAGE_MIN_PIXELS = 3136
+IMAGE_MAX_PIXELS = 12_845_056
+VIDEO_MIN_PIXELS = 128 * 32 * 32  # 131072 per frame
+VIDEO_MAX_PIXELS = 768 * 32 * 32  # 786432 per frame
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = IMAGE_MIN_PIXELS,
+                 max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect ratio kept.
+
+    Rounding is Python's `round` (half to even), as in the reference.
+    """
+    if height <= 0 or width <= 0:
+        raise VisionInputError(f"image size must be positive, got {height}x{width}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise VisionInputError(f"image aspect ratio {ratio:.1f} ({height}x{width}) exceeds the maximum of "
+                               f"{MAX_ASPECT_RATIO}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto a white background (as the reference does)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image, a path, or a uint8 array [H, W, 3] -> RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as f:
+                f.load()
+                return _to_rgb(f)
+        except (OSError, UnidentifiedImageError) as e:
+            raise VisionInputError(f"cannot read image file {os.fspath(image)!r}: {e}") from e
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    if isinstance(image, np.ndarray):
+        _check_frames(image[None] if image.ndim == 3 else image, what="image array", ndim=4)
+        return Image.fromarray(image)
+    raise VisionInputError(f"unsupported image type {type(image).__name__}; pass a PIL image, a path or a uint8 "
+                           f"array [H, W, 3]")
+
+
+def _check_frames(frames, *, what: str, ndim: int = 4):
+    if not isinstance(frames, np.ndarray):
+        raise VisionInputError(f"{what} must be a numpy array, got {type(frames).__name__}")
+    if frames.dtype != np.uint8:
+        raise VisionInputError(f"{what} must have dtype uint8, got {frames.dtype}")
+    if frames.ndim != ndim or frames.shape[-1] != 3:
+        want = "[H, W, 3]" if what == "image array" else "[T, H, W, 3]"
+        raise VisionInputError(f"{what} must have shape {want} (RGB), got {frames.shape}")
+
+
+def _normalize(rgb_uint8_hwc: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 [H, W, C] -> float32 [C, H, W]: x/255 (computed in float64, then float32), then (x - mean) / std."""
+    x = (np.moveaxis(rgb_uint8_hwc, -1, 0).astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.asarray(mean, np.float32)[:, None, None]
+    std = np.asarray(std, np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def _resize(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    h, w = smart_resize(img.height, img.width, factor, min_pixels, max_pixels)
+    if (h, w) != (img.height, img.width):
+        img = img.resize((w, h), resample=Image.BICUBIC)
+    return img
+
+
+def _patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int) -> np.ndarray:
+    """frames float32 [T, C, H, W] (T a multiple of temporal_patch_size) -> [gt*gh*gw, C*Tp*P*P]."""
+    t, c, h, w = frames.shape
+    p, tp, m = patch_size, temporal_patch_size, merge_size
+    gt, gh, gw = t // tp, h // p, w // p
+    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    # -> (gt, block_row, block_col, in_row, in_col, C, Tp, P, P)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p))
+
+
+def preprocess_image(image, *, patch_size: int = PATCH_SIZE, temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+                     merge_size: int = MERGE_SIZE, min_pixels: int = IMAGE_MIN_PIXELS,
+                     max_pixels: int = IMAGE_MAX_PIXELS, image_mean: Sequence[float] = IMAGE_MEAN,
+                     image_std: Sequence[float] = IMAGE_STD) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One image -> (patches float32 [gh*gw, 3*T*P*P], grid_thw (1, gh, gw)).
+
+    `image`: PIL image, path, or uint8 array [H, W, 3]. Text gets gh*gw/merge_size**2 image tokens.
+    """
+    img = _resize(load_image(image), patch_size * merge_size, min_pixels, max_pixels)
+    x = _normalize(np.asarray(img), image_mean, image_std)
+    frames = np.broadcast_to(x[None], (temporal_patch_size, *x.shape))
+    patches = _patchify(frames, patch_size, temporal_patch_size, merge_size)
+    return patches, (1, img.height // patch_size, img.width // patch_size)
+
+
+def preprocess_images(images, **kwargs) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Several images -> (concatenated patches, list of grid_thw), in order."""
+    out = [preprocess_image(im, **kwargs) for im in images]
+    if not out:
+        raise VisionInputError("no images given")
+    return np.concatenate([p for p, _ in out]), [g for _, g in out]
+
+
+def preprocess_video(frames: np.ndarray, fps: float = 1.0, *, patch_size: int = PATCH_SIZE,
+                     temporal_patch_size: int = TEMPORAL_PATCH_SIZE, merge_size: int = MERGE_SIZE,
+                     min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = VIDEO_MAX_PIXELS,
+                     image_mean: Sequence[float] = IMAGE_MEAN, image_std: Sequence[float] = IMAGE_STD,
+                     ) -> tuple[np.ndarray, tuple[int, int, int], float]:
+    """Decoded frames uint8 [T, H, W, 3] (already sampled) -> (patches, grid_thw (gt, gh, gw), second_per_grid).
+
+    Every frame is resized to the same smart_resize target (per-frame pixel budget 131072..786432 by default).
+    The frame count is padded to a multiple of temporal_patch_size by repeating the last frame.
+    `fps` is the rate of the given frames: second_per_grid = temporal_patch_size / fps (the processor's default
+    fps is 1.0 when none is passed — pass the real sampling rate).
+    """
+    _check_frames(frames, what="video frames")
+    if frames.shape[0] == 0:
+        raise VisionInputError("video has zero frames")
+    if not (isinstance(fps, (int, float, np.floating, np.integer)) and math.isfinite(fps) and fps > 0):
+        raise VisionInputError(f"video fps must be a positive number, got {fps!r}")
+    t, h, w, _ = frames.shape
+    th, tw = smart_resize(h, w, patch_size * merge_size, min_pixels, max_pixels)
+    out = np.empty((t, 3, th, tw), np.float32)
+    for i in range(t):
+        img = Image.fromarray(frames[i])
+        if (th, tw) != (h, w):
+            img = img.resize((tw, th), resample=Image.BICUBIC)
+        out[i] = _normalize(np.asarray(img), image_mean, image_std)
+    if pad := -t % temporal_patch_size:
+        out = np.concatenate([out, np.repeat(out[-1:], pad, axis=0)])
+    patches = _patchify(out, patch_size, temporal_patch_size, merge_size)
+    grid = (out.shape[0] // temporal_patch_size, th // patch_size, tw // patch_size)
+    return patches, grid, temporal_patch_size / float(fps)
+
+
+def load_video_npy(path) -> np.ndarray:
+    """A `.npy` file holding uint8 frames [T, H, W, 3]."""
+    try:
+        frames = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise VisionInputError(f"cannot read video array {os.fspath(path)!r}: {e}") from e
+    _check_frames(frames, what="video frames")
+    return frames
