@@ -41,14 +41,19 @@ class _HFConfig:
     HF_MODEL_TYPE: ClassVar[str] = ""
     # HF attribute_map aliases: alias -> field name.
     ALIASES: ClassVar[dict[str, str]] = {}
-    # Keys handled by a subclass hook (sub-configs, rope parameters), not plain fields.
+    # config.json keys handled by `_special_from_hf` / `_special_to_hf` (rope parameters), not plain fields.
     SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ()
+    # Fields filled by `_special_from_hf` (so not written back as plain keys).
+    DERIVED: ClassVar[tuple[str, ...]] = ()
+    # Nested configs: field name -> config class (config.json holds a dict under the same key).
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {}
 
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def _plain_fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls) if f.name != "extra" and f.init}
+        skip = {"extra", *cls.SPECIAL_KEYS, *cls.DERIVED, *cls.SUB_CONFIGS}
+        return {f.name: f for f in dataclasses.fields(cls) if f.name not in skip and f.init}
 
     @classmethod
     def _special_from_hf(cls, d: dict) -> dict:
@@ -75,7 +80,8 @@ class _HFConfig:
             elif alias in d:
                 d.pop(alias)
         fields = cls._plain_fields()
-        kwargs = cls._special_from_hf(d)
+        kwargs = {name: sub.from_hf(d.get(name) or {}) for name, sub in cls.SUB_CONFIGS.items()}
+        kwargs.update(cls._special_from_hf(d))
         extra = {}
         for k, v in d.items():
             if k in kwargs or k in cls.SPECIAL_KEYS:
@@ -90,6 +96,8 @@ class _HFConfig:
         out = {}
         for name in self._plain_fields():
             out[name] = _jsonable(getattr(self, name))
+        for name in self.SUB_CONFIGS:
+            out[name] = getattr(self, name).to_hf()
         out.update(self._special_to_hf())
         for k, v in self.extra.items():
             out.setdefault(k, v)
@@ -132,7 +140,8 @@ class TextConfig(_HFConfig):
 
     HF_MODEL_TYPE: ClassVar[str] = "qwen3_omni_moe_text"
     ALIASES: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
-    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("rope_parameters", "rope_scaling", "rope_theta")
+    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("rope_parameters", "rope_scaling")
+    DERIVED: ClassVar[tuple[str, ...]] = ("rope_theta", "mrope_section", "rope_extra")
 
     vocab_size: int = 3584
     hidden_size: int = 2048
@@ -192,13 +201,6 @@ class TextConfig(_HFConfig):
     def _special_from_hf(cls, d):
         return _rope_from_hf(d, 1e6 if cls is TextConfig else 10000.0, with_mrope=True)
 
-    @classmethod
-    def _plain_fields(cls):
-        f = super()._plain_fields()
-        for k in ("rope_theta", "mrope_section", "rope_extra"):
-            f.pop(k)
-        return f
-
     def _special_to_hf(self):
         rp = {"rope_type": "default", **self.rope_extra, "rope_theta": self.rope_theta,
               "mrope_section": list(self.mrope_section)}
@@ -228,7 +230,8 @@ class CodePredictorConfig(_HFConfig):
     """The talker's dense multi-token predictor (MTP): residual codebooks 1..G-1."""
 
     HF_MODEL_TYPE: ClassVar[str] = "qwen3_omni_moe_talker_code_predictor"
-    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("rope_parameters", "rope_scaling", "rope_theta")
+    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("rope_parameters", "rope_scaling")
+    DERIVED: ClassVar[tuple[str, ...]] = ("rope_theta", "rope_extra")
 
     vocab_size: int = 2048
     hidden_size: int = 1024
@@ -255,15 +258,7 @@ class CodePredictorConfig(_HFConfig):
 
     @classmethod
     def _special_from_hf(cls, d):
-        r = _rope_from_hf(d, 10000.0, with_mrope=False)
-        return r
-
-    @classmethod
-    def _plain_fields(cls):
-        f = super()._plain_fields()
-        f.pop("rope_theta")
-        f.pop("rope_extra")
-        return f
+        return _rope_from_hf(d, 10000.0, with_mrope=False)
 
     def _special_to_hf(self):
         return {"rope_parameters": {"rope_type": "default", **self.rope_extra, "rope_theta": self.rope_theta}}
@@ -316,6 +311,7 @@ class VisionEncoderConfig(_HFConfig):
     HF_MODEL_TYPE: ClassVar[str] = "qwen3_omni_moe_vision_encoder"
     ALIASES: ClassVar[dict[str, str]] = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
     SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("rope_parameters",)
+    DERIVED: ClassVar[tuple[str, ...]] = ("rope_theta",)
 
     depth: int = 27
     hidden_size: int = 1152
@@ -349,12 +345,6 @@ class VisionEncoderConfig(_HFConfig):
         rp = d.get("rope_parameters") or {}
         return {"rope_theta": float(rp.get("rope_theta", 10000.0))}
 
-    @classmethod
-    def _plain_fields(cls):
-        f = super()._plain_fields()
-        f.pop("rope_theta")
-        return f
-
     def _special_to_hf(self):
         return {"rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta}}
 
@@ -364,7 +354,8 @@ class Code2WavConfig(_HFConfig):
     """Codec decoder: codebook embeddings -> sliding-window transformer -> ConvNeXt upsampler -> SnakeBeta decoder."""
 
     HF_MODEL_TYPE: ClassVar[str] = ""
-    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("rope_parameters", "rope_theta")
+    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("rope_parameters",)
+    DERIVED: ClassVar[tuple[str, ...]] = ("rope_theta",)
 
     codebook_size: int = 2048
     hidden_size: int = 1024
@@ -406,12 +397,6 @@ class Code2WavConfig(_HFConfig):
         rp = d.get("rope_parameters") or {}
         return {"rope_theta": float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))}
 
-    @classmethod
-    def _plain_fields(cls):
-        f = super()._plain_fields()
-        f.pop("rope_theta")
-        return f
-
     def _special_to_hf(self):
         return {"rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}}
 
@@ -423,7 +408,8 @@ class Code2WavConfig(_HFConfig):
 @dataclasses.dataclass(frozen=True)
 class ThinkerConfig(_HFConfig):
     HF_MODEL_TYPE: ClassVar[str] = "qwen3_omni_moe_thinker"
-    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("audio_config", "vision_config", "text_config")
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {"text_config": TextConfig, "audio_config": AudioEncoderConfig,
+                                               "vision_config": VisionEncoderConfig}
 
     text_config: TextConfig = dataclasses.field(default_factory=TextConfig)
     audio_config: AudioEncoderConfig = dataclasses.field(default_factory=AudioEncoderConfig)
@@ -454,27 +440,14 @@ class ThinkerConfig(_HFConfig):
             raise ConfigError(f"vision_config.out_hidden_size ({self.vision_config.out_hidden_size}) must equal the "
                               f"thinker hidden_size ({self.text_config.hidden_size})")
 
-    @classmethod
-    def _special_from_hf(cls, d):
-        return {"text_config": TextConfig.from_hf(d.get("text_config") or {}),
-                "audio_config": AudioEncoderConfig.from_hf(d.get("audio_config") or {}),
-                "vision_config": VisionEncoderConfig.from_hf(d.get("vision_config") or {})}
-
-    @classmethod
-    def _plain_fields(cls):
-        f = super()._plain_fields()
-        for k in cls.SPECIAL_KEYS:
-            f.pop(k)
-        return f
-
-    def _special_to_hf(self):
-        return {k: getattr(self, k).to_hf() for k in self.SPECIAL_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
 class TalkerConfig(_HFConfig):
     HF_MODEL_TYPE: ClassVar[str] = "qwen3_omni_moe_talker"
-    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("text_config", "code_predictor_config", "speaker_id")
+    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("speaker_id",)
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {"text_config": TalkerTextConfig,
+                                               "code_predictor_config": CodePredictorConfig}
 
     text_config: TalkerTextConfig = dataclasses.field(default_factory=TalkerTextConfig)
     code_predictor_config: CodePredictorConfig = dataclasses.field(default_factory=CodePredictorConfig)
@@ -522,21 +495,10 @@ class TalkerConfig(_HFConfig):
     @classmethod
     def _special_from_hf(cls, d):
         spk = d.get("speaker_id") or {}
-        return {"text_config": TalkerTextConfig.from_hf(d.get("text_config") or {}),
-                "code_predictor_config": CodePredictorConfig.from_hf(d.get("code_predictor_config") or {}),
-                "speaker_id": tuple((str(k).lower(), int(v)) for k, v in spk.items())}
-
-    @classmethod
-    def _plain_fields(cls):
-        f = super()._plain_fields()
-        for k in cls.SPECIAL_KEYS:
-            f.pop(k)
-        return f
+        return {"speaker_id": tuple((str(k).lower(), int(v)) for k, v in spk.items())}
 
     def _special_to_hf(self):
-        return {"text_config": self.text_config.to_hf(),
-                "code_predictor_config": self.code_predictor_config.to_hf(),
-                "speaker_id": dict(self.speaker_id) or None}
+        return {"speaker_id": dict(self.speaker_id) or None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -544,7 +506,8 @@ class OmniConfig(_HFConfig):
     """The whole Qwen3-Omni model (`Qwen3OmniMoeForConditionalGeneration`)."""
 
     HF_MODEL_TYPE: ClassVar[str] = "qwen3_omni_moe"
-    SPECIAL_KEYS: ClassVar[tuple[str, ...]] = ("thinker_config", "talker_config", "code2wav_config")
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {"thinker_config": ThinkerConfig, "talker_config": TalkerConfig,
+                                               "code2wav_config": Code2WavConfig}
 
     thinker_config: ThinkerConfig = dataclasses.field(default_factory=ThinkerConfig)
     talker_config: TalkerConfig = dataclasses.field(default_factory=TalkerConfig)
@@ -581,21 +544,7 @@ class OmniConfig(_HFConfig):
     def _special_from_hf(cls, d):
         if d.get("model_type") not in (None, cls.HF_MODEL_TYPE):
             raise ConfigError(f"config.json has model_type {d.get('model_type')!r}; expected 'qwen3_omni_moe'")
-        return {"thinker_config": ThinkerConfig.from_hf(d.get("thinker_config") or {}),
-                "talker_config": TalkerConfig.from_hf(d.get("talker_config") or {}),
-                "code2wav_config": Code2WavConfig.from_hf(d.get("code2wav_config") or {})}
-
-    @classmethod
-    def _plain_fields(cls):
-        f = super()._plain_fields()
-        for k in cls.SPECIAL_KEYS:
-            f.pop(k)
-        return f
-
-    def _special_to_hf(self):
-        out = {k: getattr(self, k).to_hf() for k in self.SPECIAL_KEYS}
-        out.setdefault("architectures", ["Qwen3OmniMoeForConditionalGeneration"])
-        return out
+        return {}
 
     def to_hf(self) -> dict:
         out = super().to_hf()

@@ -36,22 +36,24 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 @dataclasses.dataclass
 class PromptBatch:
-    """What prefill needs, built on the host (text only, or after multimodal placeholder expansion).
+    """What prefill needs, built on the host.
 
-    input_ids: int [B, P] right-padded; lengths: int [B]; positions: int [3, B, P] (rope positions);
-    deltas: int [B] (rope delta for decoding). Multimodal inputs add `embeds_fn` which maps the token embeddings
-    to the merged embeddings (scattered encoder rows) and `deepstack` (list of [B, P, H]).
+    input_ids: int [B, P] right-padded to a bucket; lengths: int [B]; positions: [3, B, P] rope positions (int,
+    or float32 when video times are fractional); deltas: [B] rope delta for decoding (reference §3).
+    For multimodal prompts `embeds` [B, P, H] holds the merged input embeddings (encoder rows scattered into
+    placeholders) and `deepstack` the DeepStack features.
     """
 
     input_ids: np.ndarray
     lengths: np.ndarray
     positions: np.ndarray
     deltas: np.ndarray
-    embeds_fn: Callable | None = None
+    embeds: object = None
     deepstack: list | None = None
 
 
-def text_prompt_batch(prompts: list[list[int]], pad_id: int = 0, min_bucket: int = 16) -> PromptBatch:
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0, min_bucket: int = 16):
+    """Right-pad to a length bucket: (ids int32 [B, P], lengths int32 [B])."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt must contain at least one token")
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -59,14 +61,24 @@ def text_prompt_batch(prompts: list[list[int]], pad_id: int = 0, min_bucket: int
     ids = np.full((len(prompts), p), pad_id, np.int32)
     for i, row in enumerate(prompts):
         ids[i, :len(row)] = row
+    return ids, lengths
+
+
+def text_prompt_batch(prompts: list[list[int]], pad_id: int = 0, min_bucket: int = 16) -> PromptBatch:
+    ids, lengths = pad_prompts(prompts, pad_id, min_bucket)
+    p = ids.shape[1]
     pos = np.broadcast_to(np.arange(p, dtype=np.int32)[None, None], (3, len(prompts), p)).copy()
-    return PromptBatch(ids, lengths, pos, np.zeros(len(prompts), np.int32))
+    return PromptBatch(ids, lengths, pos, np.zeros(len(prompts), np.float32))
 
 
 @dataclasses.dataclass
 class GenerationResult:
     token_ids: list[list[int]]  # generated ids per row (includes the stop id if one was produced)
     finished: list[bool]
+    # collect_hidden: {i: float [B, P + steps, H]} the reference's hidden_states[i] (0 = input embeddings) for the
+    # prompt (bucket-padded: prompt row b is valid up to lengths[b]) followed by every fed-back generated token.
+    hidden: dict | None = None
+    logits: list | None = None
 
 
 def _causal_mask(p: int):
@@ -76,13 +88,48 @@ def _causal_mask(p: int):
 class ThinkerGenerator:
     """Holds the compiled prefill/decode functions for one thinker; reuse it across requests."""
 
-    def __init__(self, thinker: Thinker, *, max_context: int | None = None, cache_dtype=None):
+    def __init__(self, thinker: Thinker, *, max_context: int | None = None, cache_dtype=None,
+                 moe_impl: str = "auto"):
+        self.moe_impl = moe_impl  # kernels.moe implementation ("auto": gather for decode, grouped for prefill)
         self.graphdef, self.state = nnx.split(thinker)
         self.cfg = thinker.cfg.text_config
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.cache_dtype = cache_dtype
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("params",), donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "collect"))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("params", "collect"), donate_argnums=(1,))
+        self._embed = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
+        self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int, what: str = "prompt"):
+        """Raise before any work if the request cannot fit the model's context."""
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt_tokens + max_new_tokens > self.max_context:
+            raise GenerationError(
+                f"{what} of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+                f"{prompt_tokens + max_new_tokens} exceeds the model's context of {self.max_context} tokens "
+                "(max_position_embeddings)")
+
+    def multimodal_batch(self, input_ids: list[int], positions: np.ndarray, delta: int, *, audio=None, image=None,
+                         video=None) -> PromptBatch:
+        """One multimodal prompt -> PromptBatch with merged embeddings and DeepStack features (jit; image and
+        video grids are static, so each new grid shape compiles once)."""
+        ids, lengths = pad_prompts([input_ids])
+        p = ids.shape[1]
+        pos = np.zeros((3, 1, p), np.float32)
+        pos[:, 0, :len(input_ids)] = positions
+        pos[:, 0, len(input_ids):] = positions.max() + 1 + np.arange(p - len(input_ids))  # padding: never read
+        embeds, deepstack = self._mm_embed(
+            self.state, jnp.asarray(ids),
+            None if audio is None else tuple(jnp.asarray(a) for a in audio),
+            None if image is None else jnp.asarray(image[0]), None if image is None else image[1],
+            None if video is None else jnp.asarray(video[0]), None if video is None else video[1])
+        return PromptBatch(ids, lengths, pos, np.array([delta], np.float32), embeds, deepstack)
+
+    def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):
+        model = nnx.merge(self.graphdef, state)
+        return model.input_embeddings(ids, audio=audio, image=None if image_px is None else (image_px, image_grid),
+                                      video=None if video_px is None else (video_px, video_grid))
 
     # -- pure functions (jitted) -------------------------------------------------------------------------
     def _empty_cache(self, b, cache_len, dtype):
@@ -90,15 +137,17 @@ class ThinkerGenerator:
         shape = (b, cache_len, c.num_key_value_heads, c.head_dim)
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
 
-    def _prefill_impl(self, state, embeds, positions, lengths, deepstack, cache_len: int):
+    def _prefill_impl(self, state, embeds, positions, lengths, deepstack, cache_len: int, collect=()):
         model = nnx.merge(self.graphdef, state)
         b, p, _ = embeds.shape
         cache = self._empty_cache(b, cache_len, self.cache_dtype or embeds.dtype)
-        hidden, cache, _ = model.model(embeds, positions, _causal_mask(p), cache=cache, deepstack=deepstack)
+        hidden, cache, aux = model.model(embeds, positions, _causal_mask(p), cache=cache, deepstack=deepstack,
+                                         collect_hidden=collect, moe_impl=self.moe_impl)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return model.logits(last), cache
+        return model.logits(last), cache, aux["hidden"]
 
-    def _decode_impl(self, state, cache, tokens, write_idx, rope_pos, rng, seen, params: SamplingParams):
+    def _decode_impl(self, state, cache, tokens, write_idx, rope_pos, rng, seen, params: SamplingParams,
+                     collect=()):
         """tokens [B] (the last sampled ids) -> next ids [B], logits [B, V], new cache."""
         model = nnx.merge(self.graphdef, state)
         b = tokens.shape[0]
@@ -106,31 +155,29 @@ class ThinkerGenerator:
         pos = jnp.broadcast_to(rope_pos[None, :, None], (3, b, 1))
         s = cache[0][0].shape[1]
         mask = (jnp.arange(s)[None, None, :] <= write_idx[:, None, None])
-        hidden, cache, _ = model.model(x, pos, mask, cache=cache, cache_start=write_idx)
+        hidden, cache, aux = model.model(x, pos, mask, cache=cache, cache_start=write_idx, collect_hidden=collect,
+                                         moe_impl=self.moe_impl)
         logits = model.logits(hidden[:, 0])
         nxt = next_token(logits, rng, params, seen=seen)
-        return nxt, logits, cache
+        return nxt, logits, cache, aux["hidden"]
 
     # -- host loop -----------------------------------------------------------------------------------------
     def generate(self, batch: PromptBatch, *, max_new_tokens: int, sampling: SamplingParams,
                  stop_ids: tuple[int, ...] = (), dtype=None, return_logits: bool = False,
-                 on_token: Callable[[np.ndarray], None] | None = None) -> GenerationResult:
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+                 on_token: Callable[[np.ndarray], None] | None = None,
+                 collect_hidden: tuple[int, ...] = ()) -> GenerationResult:
         b, p = batch.input_ids.shape
-        longest = int(batch.lengths.max())
-        if longest + max_new_tokens > self.max_context:
-            raise GenerationError(
-                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} exceeds "
-                f"the model's context of {self.max_context} tokens (max_position_embeddings)")
+        self.check_context(int(batch.lengths.max()), max_new_tokens)
         cache_len = bucket(p + max_new_tokens)
         model_dtype = dtype or jax.tree.leaves(self.state)[0].dtype
         ids = jnp.asarray(batch.input_ids)
-        embeds = nnx.merge(self.graphdef, self.state).embed(ids) if batch.embeds_fn is None else batch.embeds_fn(ids)
+        embeds = self._embed(self.state, ids) if batch.embeds is None else batch.embeds
         embeds = embeds.astype(model_dtype)
         lengths = jnp.asarray(batch.lengths)
-        logits, cache = self._prefill(self.state, embeds, jnp.asarray(batch.positions), lengths,
-                                      batch.deepstack, cache_len=cache_len)
+        collect = tuple(sorted(set(collect_hidden)))
+        logits, cache, hid = self._prefill(self.state, embeds, jnp.asarray(batch.positions), lengths,
+                                           batch.deepstack, cache_len=cache_len, collect=collect)
+        hidden_steps = {i: [np.asarray(hid[i])] for i in collect}
         vocab = logits.shape[-1]
         seen = None
         if sampling.repetition_penalty != 1.0:
@@ -159,13 +206,13 @@ class ThinkerGenerator:
             if seen is not None:
                 seen = seen.at[jnp.arange(b), tok].set(True)
             write_idx = lengths + step
-            rope_pos = write_idx + jnp.asarray(batch.deltas)
+            rope_pos = write_idx.astype(jnp.float32) + jnp.asarray(batch.deltas, jnp.float32)
             rng, sub = jax.random.split(rng)
-            tok, logits, cache = self._decode(self.state, cache, tok, write_idx, rope_pos, sub, seen,
-                                              params=sampling)
+            tok, logits, cache, hid = self._decode(self.state, cache, tok, write_idx, rope_pos, sub, seen,
+                                                   params=sampling, collect=collect)
+            for i in collect:
+                hidden_steps[i].append(np.asarray(hid[i]))
             if return_logits:
                 all_logits.append(np.asarray(logits))
-        res = GenerationResult(out, finished.tolist())
-        if return_logits:
-            res.logits = all_logits
-        return res
+        hidden = {i: np.concatenate(v, axis=1) for i, v in hidden_steps.items()} if collect else None
+        return GenerationResult(out, finished.tolist(), hidden, all_logits)

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omni_jax.checkpoint.hf import save_hf
-from omni_jax.config import ConfigError, TINY_VOCAB, preset
+from omni_jax.config import TINY_VOCAB, ConfigError, preset
 from omni_jax.models.omni import OmniModel, default_parts
-
 
 EXAMPLE_MESSAGES = "example_messages.json"
 

@@ -315,7 +315,7 @@ def test_build_prompt_count_errors(tiny_tokenizer_dir_factory, tmp_path):
         build_prompt(tok, messages, audio_token_counts=[3], image_token_counts=[4], video_token_counts=[5])
     with pytest.raises(MessagesError, match="image token count 0 must be a positive integer"):
         build_prompt(tok, messages, audio_token_counts=[3, 4], image_token_counts=[0], video_token_counts=[5])
-    with pytest.raises(NotImplementedError, match="audio-in-video"):
+    with pytest.raises(MessagesError, match="audio-in-video"):
         build_prompt(tok, messages, use_audio_in_video=True)
     ids = build_prompt(tok, messages, audio_token_counts=[3, 4], image_token_counts=[2], video_token_counts=[5])
     assert ids.count(TINY_TOKENS["audio_pad"]) == 7 and ids.count(TINY_TOKENS["video_pad"]) == 5

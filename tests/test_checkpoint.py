@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_fixtures import hf_model_from_dir
+
 from omni_jax.checkpoint import hf as hf_io
 from omni_jax.checkpoint import orbax_io
 from omni_jax.checkpoint.assign import CheckpointError, flat_params, get_value

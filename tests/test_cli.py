@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from hf_fixtures import hf_model_from_dir
+
 from omni_jax import cli
 from omni_jax.config import TINY_TOKENS
 

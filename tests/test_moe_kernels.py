@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from omni_jax.kernels.moe import api
 from omni_jax.layers.mlp import MoE
-from flax import nnx
 
 
 def _inputs(n=13, h=24, i=10, e=6, k=3, seed=0):

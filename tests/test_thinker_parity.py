@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_fixtures import hf_model_from_dir
+
 from omni_jax.checkpoint.hf import load_hf
 from omni_jax.generate import ThinkerGenerator, text_prompt_batch
 from omni_jax.processing import chat

@@ -14,7 +14,9 @@ messages file and are resolved to absolute paths that must exist.
 `build_prompt` renders the chat template, tokenizes the text, and expands every `<|audio_pad|>` /
 `<|image_pad|>` / `<|video_pad|>` placeholder into as many copies as its encoder produces tokens, in order of
 appearance — the token-level equivalent of `Qwen3OmniMoeProcessor`'s text replacement (placeholders are special
-tokens, so replacing them before or after tokenization gives the same ids).
+tokens, so replacing them before or after tokenization gives the same ids). With `use_audio_in_video` each video
+placeholder becomes `<|audio_start|>` + the video's and its audio track's tokens interleaved by time +
+`<|audio_end|>` (`audio_in_video_order`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import numbers
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
+from omni_jax.errors import OmniJaxError
 from omni_jax.processing.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -36,7 +41,7 @@ PLACEHOLDERS = {"audio": ("audio_token", "<|audio_pad|>"), "image": ("image_toke
                 "video": ("video_token", "<|video_pad|>")}
 
 
-class MessagesError(ValueError):
+class MessagesError(OmniJaxError):
     """A messages file (or list) that cannot be turned into a prompt; the message names the offending entry."""
 
 
@@ -190,20 +195,100 @@ def expand_placeholders(ids: Sequence[int], placeholders: dict[str, int],
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoAudio:
+    """What audio-in-video needs to lay out one video: its grid (t, h, w) in patches, second_per_grid
+    (temporal_patch_size / fps) and the number of tokens the audio encoder gives its audio track."""
+
+    grid_thw: tuple[int, int, int]
+    second_per_grid: float
+    audio_tokens: int
+
+
+def audio_in_video_order(video: VideoAudio, *, merge_size: int = 2,
+                         position_id_per_seconds: float = 13.0) -> np.ndarray:
+    """bool [n_video + n_audio]: True where the interleaved sequence has a video token, False for audio.
+
+    Qwen3OmniMoeProcessor.replace_video_with_audio_token's rule: video token j (temporal grid t_j, h*w/merge**2
+    tokens per grid) sits at time t_j * second_per_grid * position_id_per_seconds (float64), audio token k at
+    time k; the two are merged by time with video first on ties. (get_rope_index makes the same comparison in
+    float32; the two agree except where t * second_per_grid * 13 lands within float32 rounding of an integer.)
+    """
+    t, h, w = (int(v) for v in video.grid_thw)
+    per_grid = (h // merge_size) * (w // merge_size)
+    v_time = np.repeat((np.arange(t, dtype=np.int64) * float(video.second_per_grid)) * float(position_id_per_seconds),
+                       per_grid)
+    a_time = np.arange(int(video.audio_tokens), dtype=np.int64)
+    # Audio token k precedes video token j iff k < time_j (ties go to the video token).
+    audio_before = np.searchsorted(a_time, v_time, side="left")
+    is_video = np.zeros(v_time.size + a_time.size, bool)
+    is_video[np.arange(v_time.size) + audio_before] = True
+    return is_video
+
+
+def _check_video_audio(k: int, va, merge_size: int):
+    if not isinstance(va, VideoAudio):
+        raise MessagesError(f"video {k}: audio-in-video layout must be a VideoAudio, got {type(va).__name__}")
+    grid = va.grid_thw
+    if len(grid) != 3 or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in grid):
+        raise MessagesError(f"video {k}: grid_thw must be three positive integers, got {grid!r}")
+    if grid[1] % merge_size or grid[2] % merge_size:
+        raise MessagesError(f"video {k}: grid {tuple(grid)} is not divisible by the merge size {merge_size}")
+    spg = va.second_per_grid
+    if isinstance(spg, bool) or not isinstance(spg, numbers.Real) or not math.isfinite(spg) or spg <= 0:
+        raise MessagesError(f"video {k}: second_per_grid must be a positive number, got {spg!r}")
+    n = va.audio_tokens
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise MessagesError(f"video {k}: its audio token count must be a positive integer, got {n!r}")
+
+
 def build_prompt(tokenizer: Tokenizer, messages: Sequence[Message | dict], *, audio_token_counts: Sequence[int] = (),
                  image_token_counts: Sequence[int] = (), video_token_counts: Sequence[int] = (),
                  add_generation_prompt: bool = True, use_audio_in_video: bool = False,
-                 **template_kwargs) -> list[int]:
+                 video_audio: Sequence[VideoAudio] = (), merge_size: int = 2,
+                 position_id_per_seconds: float = 13.0, **template_kwargs) -> list[int]:
     """Prompt token ids with every media placeholder expanded.
 
-    audio_token_counts[k]: tokens the audio encoder gives the k-th audio (in prompt order); image_token_counts[k]
+    audio_token_counts[k]: tokens the audio encoder gives the k-th audio part (in prompt order); image_token_counts[k]
     and video_token_counts[k]: t*h*w / merge_size**2 of the k-th image / video grid.
+
+    use_audio_in_video: each video's `<|video_pad|>` becomes `<|audio_start|>` + its video and audio tokens
+    interleaved by time (`audio_in_video_order`) + `<|audio_end|>`, described by video_audio[k] for the k-th
+    video (video_token_counts may then be left empty); audio_token_counts covers the audio parts only. The chat
+    template renders a video part the same way with or without audio-in-video.
     """
-    if use_audio_in_video:
-        # Hook: Qwen3OmniMoeProcessor.replace_video_with_audio_token interleaves each video's temporal grids with
-        # its audio tokens by time (spec §8.4). Not implemented yet.
-        raise NotImplementedError("audio-in-video placeholder interleaving is not implemented yet")
     text = render_prompt(tokenizer, messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
     ids = tokenizer.encode(text)
-    counts = {"audio": audio_token_counts, "image": image_token_counts, "video": video_token_counts}
-    return expand_placeholders(ids, placeholder_ids(tokenizer), counts)
+    places = placeholder_ids(tokenizer)
+    if not use_audio_in_video:
+        counts = {"audio": audio_token_counts, "image": image_token_counts, "video": video_token_counts}
+        return expand_placeholders(ids, places, counts)
+
+    n_videos = sum(1 for t in ids if t == places["video"])
+    if len(video_audio) != n_videos:
+        raise MessagesError(f"audio-in-video: the prompt has {n_videos} video placeholder(s) but "
+                            f"{len(video_audio)} video/audio layout(s) were given")
+    for k, va in enumerate(video_audio):
+        _check_video_audio(k, va, merge_size)
+    grid_counts = [math.prod(int(g) for g in va.grid_thw) // merge_size ** 2 for va in video_audio]
+    if video_token_counts and [int(c) for c in video_token_counts] != grid_counts:
+        raise MessagesError(f"audio-in-video: video_token_counts {list(video_token_counts)} disagree with the "
+                            f"video grids ({grid_counts} tokens)")
+    # Audio parts and images expand as usual; each video placeholder is kept single, then replaced below.
+    ids = expand_placeholders(ids, places, {"audio": audio_token_counts, "image": image_token_counts,
+                                            "video": [1] * n_videos})
+    start, end = (tokenizer.token_to_id(tokenizer.named_tokens.get(name, fallback))
+                  for name, fallback in (("audio_bos_token", "<|audio_start|>"), ("audio_eos_token", "<|audio_end|>")))
+    out: list[int] = []
+    k = 0
+    for t in ids:
+        if t != places["video"]:
+            out.append(t)
+            continue
+        order = audio_in_video_order(video_audio[k], merge_size=merge_size,
+                                     position_id_per_seconds=position_id_per_seconds)
+        out.append(start)
+        out.extend(np.where(order, places["video"], places["audio"]).tolist())
+        out.append(end)
+        k += 1
+    return out

@@ -28,6 +28,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
+from omni_jax.errors import OmniJaxError
+
 # Qwen2's pre-tokenizer regex (also in transformers' tokenization_qwen2.py and every Qwen tokenizer.json).
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -39,7 +41,7 @@ NAMED_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_tok
                     "audio_bos_token", "audio_eos_token")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(OmniJaxError):
     """A tokenizer directory that cannot be read, or a chat template that cannot be rendered."""
 
 
