@@ -19,7 +19,20 @@ def _add_generate(sub):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--json", action="store_true", help="print one JSON object with ids and text")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids and text (with --speak "
+                                                          "also audio_path and num_codec_frames)")
+    p.add_argument("--speak", metavar="OUT.wav", default=None,
+                   help="also speak the reply: write a 24 kHz mono wav (32-bit float samples) with the talker and "
+                        "code2wav; the checkpoint must have speech output. --greedy makes the talker and code "
+                        "predictor greedy too; otherwise the talker samples with transformers' defaults "
+                        "(temperature 0.9, top-k 50, repetition penalty 1.05) and --seed")
+    p.add_argument("--speaker", default="Ethan", help="voice for --speak (a name in the talker config's speaker_id)")
+    p.add_argument("--talker-max-new-tokens", type=int, default=4096,
+                   help="for --speak: at most this many codec tokens are sampled; without codec EOS N tokens give "
+                        "N-1 frames of 80 ms (as transformers' talker_max_new_tokens)")
+    p.add_argument("--use-audio-in-video", action="store_true",
+                   help="also feed each video's audio track, interleaved with its frames by time (videos must be "
+                        "containers with an audio stream)")
 
 
 def _add_convert(sub):
@@ -55,14 +68,42 @@ def cmd_generate(a) -> int:
     from omni_jax.processing.chat import load_messages
 
     messages = load_messages(a.messages)  # validate the request before loading weights
-    session = OmniSession(a.model, dtype=a.dtype)
+    if a.speak is not None and getattr(a, "use_audio_in_video", False):
+        from omni_jax.speech import SpeechError
+
+        raise SpeechError("--speak with --use-audio-in-video is not supported (the reference's talker does not "
+                          "receive use_audio_in_video either)")
+    session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None)
     sampling = session.sampling(greedy=True if a.greedy else None, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed)
-    out = session.generate(messages, max_new_tokens=a.max_new_tokens, sampling=sampling)
+    if a.speak is not None:
+        return _speak(a, session, messages, sampling)
+    out = session.generate(messages, max_new_tokens=a.max_new_tokens, sampling=sampling,
+                           use_audio_in_video=a.use_audio_in_video)
     if a.json:
         print(json.dumps(out))
     else:
         print(out["text"])
+    return 0
+
+
+def _speak(a, session, messages, sampling) -> int:
+    import soundfile
+
+    from omni_jax.speech import SAMPLE_RATE, talker_sampling
+
+    out = session.speak(messages, speaker=a.speaker, max_new_tokens=a.max_new_tokens, sampling=sampling,
+                        talker_max_new_tokens=a.talker_max_new_tokens,
+                        talker=talker_sampling(greedy=a.greedy, seed=a.seed))
+    soundfile.write(a.speak, out.pop("waveform"), SAMPLE_RATE, subtype="FLOAT")
+    out.pop("codes")
+    out.pop("codec_finished")
+    out["audio_path"] = a.speak
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(out["text"])
+        print(f"wrote {out['num_codec_frames']} codec frames of speech to {a.speak}", file=sys.stderr)
     return 0
 
 

@@ -6,10 +6,15 @@
   decode together; keys beyond a row's index are masked, so the padding written by prefill is never seen.
 - Decode reads only the selected experts' weights (`kernels.moe` picks the gather path for few tokens).
 - A token generated at unpadded text index n gets rope position n + delta on all three axes (reference §3).
+- With `mesh=` the parameters sit at their shardings (omni_jax/sharding.py rules), every compiled call runs under
+  that mesh (MoE layers dispatch experts over the `expert` axis), the KV cache is sharded over batch and KV
+  heads, and what the host reads back (logits, tokens, hidden states) is replicated. Without a mesh nothing
+  changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from omni_jax import sharding as S
 from omni_jax.errors import OmniJaxError
 from omni_jax.models.thinker import Thinker
 from omni_jax.sampling import SamplingParams, next_token
@@ -81,6 +87,11 @@ class GenerationResult:
     logits: list | None = None
 
 
+def _replicated(tree):
+    """Pin arrays the host reads back to be replicated under the active mesh (identity without one)."""
+    return jax.tree.map(lambda a: S.constrain(a, (None,) * a.ndim), tree)
+
+
 def _causal_mask(p: int):
     return jnp.tril(jnp.ones((p, p), bool))[None]
 
@@ -89,9 +100,13 @@ class ThinkerGenerator:
     """Holds the compiled prefill/decode functions for one thinker; reuse it across requests."""
 
     def __init__(self, thinker: Thinker, *, max_context: int | None = None, cache_dtype=None,
-                 moe_impl: str = "auto"):
+                 moe_impl: str = "auto", mesh=None, rules: str | S.Rules = "default"):
         self.moe_impl = moe_impl  # kernels.moe implementation ("auto": gather for decode, grouped for prefill)
+        self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = nnx.split(thinker)
+        if mesh is not None:
+            S.check_model_fits(mesh, [("thinker", thinker.cfg.text_config)])
+            self.state = jax.device_put(self.state, S.named_shardings(self.state, mesh, self.rules))
         self.cfg = thinker.cfg.text_config
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.cache_dtype = cache_dtype
@@ -99,6 +114,16 @@ class ThinkerGenerator:
         self._decode = jax.jit(self._decode_impl, static_argnames=("params", "collect"), donate_argnums=(1,))
         self._embed = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
         self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
+
+    def _on_mesh(self):
+        """Context for every compiled call: the mesh and rules (nothing without a mesh)."""
+        return S.activate(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+    def _put(self, x):
+        """Host value -> device: replicated over the mesh (a global array on every process) when there is one."""
+        if self.mesh is None or isinstance(x, jax.Array):
+            return jnp.asarray(x)
+        return S.put_global(np.asarray(x), self.mesh)
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int, what: str = "prompt"):
         """Raise before any work if the request cannot fit the model's context."""
@@ -119,11 +144,12 @@ class ThinkerGenerator:
         pos = np.zeros((3, 1, p), np.float32)
         pos[:, 0, :len(input_ids)] = positions
         pos[:, 0, len(input_ids):] = positions.max() + 1 + np.arange(p - len(input_ids))  # padding: never read
-        embeds, deepstack = self._mm_embed(
-            self.state, jnp.asarray(ids),
-            None if audio is None else tuple(jnp.asarray(a) for a in audio),
-            None if image is None else jnp.asarray(image[0]), None if image is None else image[1],
-            None if video is None else jnp.asarray(video[0]), None if video is None else video[1])
+        with self._on_mesh():
+            embeds, deepstack = self._mm_embed(
+                self.state, self._put(ids),
+                None if audio is None else tuple(self._put(a) for a in audio),
+                None if image is None else self._put(image[0]), None if image is None else image[1],
+                None if video is None else self._put(video[0]), None if video is None else video[1])
         return PromptBatch(ids, lengths, pos, np.array([delta], np.float32), embeds, deepstack)
 
     def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):
@@ -135,16 +161,19 @@ class ThinkerGenerator:
     def _empty_cache(self, b, cache_len, dtype):
         c = self.cfg
         shape = (b, cache_len, c.num_key_value_heads, c.head_dim)
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
+        axes = ("batch", "seq", "kv_heads", "head_dim")
+        return [(S.constrain(jnp.zeros(shape, dtype), axes), S.constrain(jnp.zeros(shape, dtype), axes))
+                for _ in range(c.num_hidden_layers)]
 
     def _prefill_impl(self, state, embeds, positions, lengths, deepstack, cache_len: int, collect=()):
         model = nnx.merge(self.graphdef, state)
         b, p, _ = embeds.shape
         cache = self._empty_cache(b, cache_len, self.cache_dtype or embeds.dtype)
+        embeds = S.constrain(embeds, ("batch", "seq", None))
         hidden, cache, aux = model.model(embeds, positions, _causal_mask(p), cache=cache, deepstack=deepstack,
                                          collect_hidden=collect, moe_impl=self.moe_impl)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return model.logits(last), cache, aux["hidden"]
+        return S.constrain(model.logits(last), (None, None)), cache, _replicated(aux["hidden"])
 
     def _decode_impl(self, state, cache, tokens, write_idx, rope_pos, rng, seen, params: SamplingParams,
                      collect=()):
@@ -157,25 +186,32 @@ class ThinkerGenerator:
         mask = (jnp.arange(s)[None, None, :] <= write_idx[:, None, None])
         hidden, cache, aux = model.model(x, pos, mask, cache=cache, cache_start=write_idx, collect_hidden=collect,
                                          moe_impl=self.moe_impl)
-        logits = model.logits(hidden[:, 0])
-        nxt = next_token(logits, rng, params, seen=seen)
-        return nxt, logits, cache, aux["hidden"]
+        logits = S.constrain(model.logits(hidden[:, 0]), (None, None))
+        nxt = S.constrain(next_token(logits, rng, params, seen=seen), (None,))
+        return nxt, logits, cache, _replicated(aux["hidden"])
 
     # -- host loop -----------------------------------------------------------------------------------------
     def generate(self, batch: PromptBatch, *, max_new_tokens: int, sampling: SamplingParams,
                  stop_ids: tuple[int, ...] = (), dtype=None, return_logits: bool = False,
                  on_token: Callable[[np.ndarray], None] | None = None,
                  collect_hidden: tuple[int, ...] = ()) -> GenerationResult:
+        with self._on_mesh():
+            return self._generate(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                                  dtype=dtype, return_logits=return_logits, on_token=on_token,
+                                  collect_hidden=collect_hidden)
+
+    def _generate(self, batch: PromptBatch, *, max_new_tokens, sampling, stop_ids, dtype, return_logits, on_token,
+                  collect_hidden) -> GenerationResult:
         b, p = batch.input_ids.shape
         self.check_context(int(batch.lengths.max()), max_new_tokens)
         cache_len = bucket(p + max_new_tokens)
         model_dtype = dtype or jax.tree.leaves(self.state)[0].dtype
-        ids = jnp.asarray(batch.input_ids)
+        ids = self._put(batch.input_ids)
         embeds = self._embed(self.state, ids) if batch.embeds is None else batch.embeds
         embeds = embeds.astype(model_dtype)
-        lengths = jnp.asarray(batch.lengths)
+        lengths = self._put(batch.lengths)
         collect = tuple(sorted(set(collect_hidden)))
-        logits, cache, hid = self._prefill(self.state, embeds, jnp.asarray(batch.positions), lengths,
+        logits, cache, hid = self._prefill(self.state, embeds, self._put(batch.positions), lengths,
                                            batch.deepstack, cache_len=cache_len, collect=collect)
         hidden_steps = {i: [np.asarray(hid[i])] for i in collect}
         vocab = logits.shape[-1]
@@ -184,7 +220,7 @@ class ThinkerGenerator:
             seen_np = np.zeros((b, vocab), bool)
             for i in range(b):
                 seen_np[i, batch.input_ids[i, :batch.lengths[i]]] = True
-            seen = jnp.asarray(seen_np)
+            seen = self._put(seen_np)
         rng = jax.random.PRNGKey(sampling.seed)
         rng, sub = jax.random.split(rng)
         tok = next_token(logits, sub, sampling, seen=seen)
@@ -208,8 +244,9 @@ class ThinkerGenerator:
             write_idx = lengths + step
             rope_pos = write_idx.astype(jnp.float32) + jnp.asarray(batch.deltas, jnp.float32)
             rng, sub = jax.random.split(rng)
+            # The seed only feeds `rng`; keep it out of the static (compile-time) sampling parameters.
             tok, logits, cache, hid = self._decode(self.state, cache, tok, write_idx, rope_pos, sub, seen,
-                                                   params=sampling, collect=collect)
+                                                   params=dataclasses.replace(sampling, seed=0), collect=collect)
             for i in collect:
                 hidden_steps[i].append(np.asarray(hid[i]))
             if return_logits:

@@ -2,7 +2,8 @@
 
 `OmniSession` loads the model once (HF directory or Orbax checkpoint), the tokenizer, chat template and
 processor settings, and the generation defaults from generation_config.json; `generate()` turns a list of
-messages into a prompt (placeholders expanded), runs the thinker and returns ids and text.
+messages into a prompt (placeholders expanded), runs the thinker and returns ids and text. With `speech=True` the
+talker and code2wav are loaded too, and `speak()` / `stream_speech()` add the spoken reply (omni_jax.speech).
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 
 import jax.numpy as jnp
+import numpy as np
 
 from omni_jax.checkpoint import hf as hf_io
 from omni_jax.checkpoint import orbax_io
 from omni_jax.generate import GenerationError, ThinkerGenerator, text_prompt_batch
-from omni_jax.processing import chat
 from omni_jax.processing.tokenizer import Tokenizer
+from omni_jax.prompt import ThinkerPrompt, prepare_thinker_prompt
 from omni_jax.sampling import SamplingParams
+from omni_jax.speech import SpeechError, SpeechGenerator, speaker_id
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -59,13 +63,40 @@ class GenerationDefaults:
                    max_new_tokens=int(g.get("max_new_tokens") or 256), eos_token_ids=eos)
 
 
+SPEECH_PARTS = ("thinker", "talker", "code2wav")
+
+
+def check_speech_available(model_dir: str) -> None:
+    """Raise SpeechError unless the checkpoint has speech output (talker + code2wav), before loading weights."""
+    from omni_jax.config import OmniConfig
+
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        return  # load_model reports the missing config
+    if not OmniConfig.from_hf(cfg_path).enable_audio_output:
+        raise SpeechError(f"{model_dir}: this checkpoint has no speech output (enable_audio_output is false: no "
+                          f"talker / code2wav weights); drop --speak to get text only")
+    if orbax_io.is_orbax_dir(model_dir):
+        with open(os.path.join(model_dir, orbax_io.META)) as f:
+            parts = json.load(f).get("parts", ())
+        if not set(SPEECH_PARTS) <= set(parts):
+            raise SpeechError(f"{model_dir}: this checkpoint has no speech output (it holds only {list(parts)})")
+
+
 class OmniSession:
-    def __init__(self, model_dir: str, *, dtype: str = "float32", parts=("thinker",)):
+    """speech=True loads the talker and code2wav as well (only then can `speak` / `stream_speech` run)."""
+
+    def __init__(self, model_dir: str, *, dtype: str = "float32", parts=("thinker",), speech: bool = False):
         self.model_dir = model_dir
+        if speech:
+            check_speech_available(model_dir)
+            parts = SPEECH_PARTS
         self.model, self.cfg = load_model(model_dir, dtype=dtype, parts=parts)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.defaults = GenerationDefaults.from_dir(model_dir)
         self.generator = ThinkerGenerator(self.model.thinker)
+        self.speech = (SpeechGenerator(self.cfg, self.model.thinker, self.model.talker, self.model.code2wav)
+                       if speech else None)
 
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.cfg.im_end_token_id, *self.defaults.eos_token_ids)))
@@ -81,20 +112,87 @@ class OmniSession:
                               repetition_penalty=d.repetition_penalty if repetition_penalty is None
                               else repetition_penalty, seed=seed)
 
-    def prompt_ids(self, messages) -> list[int]:
-        kinds = [k for k in ("audio", "image", "video") if chat.media_parts(messages, k)]
-        if kinds:
-            raise chat.MessagesError(f"{', '.join(kinds)} input is not supported yet by this build (text only)")
-        return chat.build_prompt(self.tokenizer, messages)
+    def prompt(self, messages, *, use_audio_in_video: bool = False) -> ThinkerPrompt:
+        return prepare_thinker_prompt(self.tokenizer, self.cfg, messages, use_audio_in_video=use_audio_in_video)
 
-    def generate(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None) -> dict:
-        ids = self.prompt_ids(messages)
+    def _run_thinker(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None,
+                     use_audio_in_video: bool = False, collect_hidden: tuple[int, ...] = ()):
+        prompt = self.prompt(messages, use_audio_in_video=use_audio_in_video)
+        ids = prompt.input_ids
         max_new = max_new_tokens or self.defaults.max_new_tokens
         sampling = sampling or self.sampling()
         if not ids:
             raise GenerationError("the prompt is empty")
-        res = self.generator.generate(text_prompt_batch([ids]), max_new_tokens=max_new, sampling=sampling,
-                                      stop_ids=self.stop_ids())
-        out = res.token_ids[0]
+        # Before any encoder runs: a long audio or video can make the prompt longer than the context.
+        self.generator.check_context(len(ids), max_new, "prompt (after media placeholders)")
+        if prompt.has_media:
+            batch = self.generator.multimodal_batch(ids, prompt.positions, prompt.delta, audio=prompt.audio,
+                                                    image=prompt.image, video=prompt.video)
+        else:
+            batch = text_prompt_batch([ids])
+        res = self.generator.generate(batch, max_new_tokens=max_new, sampling=sampling, stop_ids=self.stop_ids(),
+                                      collect_hidden=collect_hidden)
+        return prompt, batch, res
+
+    def generate(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None,
+                 use_audio_in_video: bool = False) -> dict:
+        prompt, _, res = self._run_thinker(messages, max_new_tokens=max_new_tokens, sampling=sampling,
+                                           use_audio_in_video=use_audio_in_video)
+        return self._text_result(prompt.input_ids, res.token_ids[0])
+
+    def _text_result(self, ids, out) -> dict:
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         return {"prompt_token_ids": [int(i) for i in ids], "token_ids": [int(i) for i in out], "text": text}
+
+    # -- speech ----------------------------------------------------------------------------------------------
+    def _require_speech(self, speaker: str) -> SpeechGenerator:
+        if self.speech is None:
+            raise SpeechError("this session was opened without speech output (OmniSession(..., speech=True))")
+        speaker_id(self.cfg, speaker)  # fail on an unknown speaker before running the thinker
+        return self.speech
+
+    def talker_prompt(self, messages, *, speaker: str = "Ethan", max_new_tokens=None,
+                      sampling: SamplingParams | None = None):
+        """Run the thinker and build the talker's prompt: (text result dict, omni_jax.speech.TalkerPrompt)."""
+        speech = self._require_speech(speaker)
+        k = self.cfg.talker_config.accept_hidden_layer
+        prompt, batch, res = self._run_thinker(messages, max_new_tokens=max_new_tokens, sampling=sampling,
+                                               collect_hidden=(0, k))
+        n_prompt, padded = len(prompt.input_ids), batch.input_ids.shape[1]
+        gen = res.token_ids[0]
+
+        def rows(h):  # prompt rows (the prompt is bucket-padded to `padded`), then the fed-back generated tokens
+            return np.concatenate([h[0, :n_prompt], h[0, padded:padded + len(gen) - 1]])
+
+        tp = speech.talker_prompt(
+            prompt.input_ids, gen, rows(res.hidden[0]), rows(res.hidden[k]), speaker=speaker,
+            audio_seqlens=None if prompt.audio is None else [int(f) for f in prompt.audio[1]],
+            image_grid=None if prompt.image is None else list(prompt.image[1]),
+            video_grid=None if prompt.video is None else list(prompt.video[1]),
+            second_per_grids=list(prompt.video_second_per_grid) or None)
+        return self._text_result(prompt.input_ids, gen), tp
+
+    def speak(self, messages, *, speaker: str = "Ethan", max_new_tokens=None, sampling: SamplingParams | None = None,
+              talker_max_new_tokens: int = 4096, talker: SamplingParams | None = None) -> dict:
+        """Text reply plus speech: the text result dict with "waveform" (float32 [N], 24 kHz, the reference's
+        chunked decode), "codes" (int32 [G, T]) and "num_codec_frames". talker: talker sampling (default
+        omni_jax.speech.talker_sampling(), i.e. transformers' defaults)."""
+        out, tp = self.talker_prompt(messages, speaker=speaker, max_new_tokens=max_new_tokens, sampling=sampling)
+        res = self.speech.generate_codes(tp, max_new_tokens=talker_max_new_tokens, sampling=talker)
+        out.update(waveform=self.speech.waveform(res.codes), codes=res.codes, num_codec_frames=int(res.codes.shape[1]),
+                   codec_finished=res.finished)
+        return out
+
+    def stream_speech(self, messages, *, speaker: str = "Ethan", max_new_tokens=None,
+                      sampling: SamplingParams | None = None, talker_max_new_tokens: int = 4096,
+                      talker: SamplingParams | None = None, group_frames: int = 4, left_context: int = 25,
+                      state: dict | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz waveform chunks while the talker runs (see SpeechGenerator.stream for what they
+        concatenate to). The thinker runs to completion first. `state` receives "text" (the text result),
+        "codec_tokens" and "finished"."""
+        state = {} if state is None else state
+        out, tp = self.talker_prompt(messages, speaker=speaker, max_new_tokens=max_new_tokens, sampling=sampling)
+        state["text"] = out
+        yield from self.speech.stream(tp, max_new_tokens=talker_max_new_tokens, sampling=talker,
+                                      group_frames=group_frames, left_context=left_context, state=state)
+

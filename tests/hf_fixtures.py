@@ -148,6 +148,8 @@ def reinit_randomly(model, seed: int) -> None:
                 fan_in = shape[-1] if "experts" in name else math.prod(shape[1:])
                 lo, hi = (1.5, 3.0) if ("lm_head" in name or "codec_head" in name) else (0.3, 1.5)
                 val = torch.randn(shape, generator=gen) * (u(lo, hi) / math.sqrt(fan_in))
+            if name.startswith("code2wav.decoder.") and name.endswith(".conv.weight") and shape[0] == 1:
+                val = val * 0.1  # the final 1-channel conv: keep most waveform samples inside the [-1, 1] clamp
             p.copy_(val.to(p.dtype))
 
 

@@ -115,3 +115,12 @@ def test_video_npy_and_audio_with_image_match_transformers(tiny_hf_dir, hf_pair,
         {"type": "text", "text": "Match them."}]}])
     assert ours["prompt_token_ids"] == ref_ids
     assert ours["token_ids"] == ref_new
+
+
+def test_long_media_prompt_exceeding_context_fails_before_encoding(tiny_hf_dir, tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", _tone(3.0, 440), 16000, subtype="FLOAT")
+    (tmp_path / "m.json").write_text(json.dumps([{"role": "user", "content": [{"type": "audio", "path": "a.wav"}]}]))
+    code = cli.main(["generate", "--model", tiny_hf_dir, "--messages", str(tmp_path / "m.json"),
+                     "--max-new-tokens", "4060"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "prompt (after media placeholders) of" in err and "exceeds the model's context of 4096" in err

@@ -1,0 +1,423 @@
+"""Speech output: thinker run -> talker prompt -> talker + code predictor decode -> Code2Wav waveform (24 kHz).
+
+Reference: spec §6.2 (talker prompt), §6.3 (decode loop), §7.6 (chunked decode), §8.1; pitfalls P11-P15, P17.
+
+- `SpeechGenerator.talker_prompt` builds the talker's input rows from the thinker's `hidden_states[0]` (input
+  embeddings) and `hidden_states[accept_hidden_layer]`, exactly as `Qwen3OmniMoeForConditionalGeneration.generate`:
+  user turns (hidden_projection at audio/image/video rows, text_projection elsewhere; system and assistant turns
+  dropped), then 9 assistant rows (text track + codec track), plus the trailing text rows fed one per step.
+- `SpeechGenerator.frames` runs the talker: prefill, then one jitted step per frame (code predictor for codebooks
+  1..G-1 in one `lax.scan`, next input = sum of the G codebook embeddings + one trailing text row, talker step,
+  sampling of the next codebook-0 code) over a static-shape KV cache.
+- `max_new_tokens` means what transformers' `talker_max_new_tokens` means: at most that many codebook-0 codes are
+  sampled (the prefill samples the first); a frame is emitted for every sampled code except codec EOS and except
+  the last one sampled when the budget runs out (its residual codes are never predicted). So without EOS, N
+  tokens give N-1 frames.
+- `SpeechGenerator.waveform`: the reference's offline decode (`chunked_decode`, chunk 300, left context 25).
+- `SpeechGenerator.stream`: waveform chunks while frames are produced (see its docstring for what the chunks
+  concatenate to).
+
+Batch size 1 only (the reference batches rows left-aligned with several quirks; see §6.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omni_jax.config import OmniConfig
+from omni_jax.errors import OmniJaxError
+from omni_jax.generate import bucket
+from omni_jax.positions import get_rope_index
+from omni_jax.sampling import SamplingParams, next_token
+
+SAMPLE_RATE = 24_000  # Code2Wav output rate (1920 samples per 12.5 Hz codec frame)
+# The code predictor's warpers when the talker samples (HF passes top_k=50, top_p=0.8; temperature stays at the
+# generation-config default 1.0). Greedy talker -> greedy code predictor.
+CP_TOP_K, CP_TOP_P, CP_TEMPERATURE = 50, 0.8, 1.0
+TEXT_ROWS = 9  # rows of the assistant prefix
+
+
+class SpeechError(OmniJaxError):
+    """A speech request that cannot be served (no talker, unknown speaker, unusable thinker output, ...)."""
+
+
+def talker_sampling(*, greedy: bool = False, temperature: float = 0.9, top_k: int | None = 50,
+                    top_p: float | None = 1.0, repetition_penalty: float = 1.05, seed: int = 0) -> SamplingParams:
+    """The talker's sampling, with the defaults of transformers' `generate` (talker_do_sample=True, ...)."""
+    return SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed)
+
+
+def speaker_id(cfg: OmniConfig, speaker: str) -> int:
+    """Codec id of a speaker name (case-insensitive, as the reference's `speaker.lower()`)."""
+    speakers = cfg.talker_config.speakers
+    sid = speakers.get(str(speaker).lower())
+    if sid is None:
+        known = ", ".join(sorted(speakers)) or "(none)"
+        raise SpeechError(f"unknown speaker {speaker!r}; this checkpoint knows: {known}")
+    return sid
+
+
+def user_positions(ids: np.ndarray, cfg: OmniConfig) -> np.ndarray:
+    """Indices of prompt tokens in user turns: those whose role token (the one right after the most recent
+    `<|im_start|>`; position 1 before any) is `user`, as the reference's cummax rule. ids int [L] -> int [U]."""
+    n = ids.shape[0]
+    pos = np.arange(n)
+    prev = np.maximum.accumulate(np.where(ids == cfg.im_start_token_id, pos, -1)).clip(min=0)
+    role = ids[np.minimum(prev + 1, n - 1)]
+    return pos[role == cfg.user_token_id]
+
+
+def assistant_start(ids: np.ndarray, cfg: OmniConfig) -> int:
+    """Index of the last `<|im_start|>` followed by `assistant` (the reference reads row 0 only)."""
+    hits = np.nonzero((ids[:-1] == cfg.im_start_token_id) & (ids[1:] == cfg.assistant_token_id))[0]
+    if hits.size == 0:
+        raise SpeechError("speech output needs a prompt that ends with the assistant generation prompt "
+                          "(<|im_start|>assistant); none found")
+    return int(hits[-1])
+
+
+# -- jitted pure functions: module level with the graphdef static, so every session of one architecture shares
+# the compiled code ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=(0,))
+def _project(graphdef, state, embeds, hidden):
+    """embeds, hidden float [R, thinker_H] -> (text_projection(embeds), hidden_projection(hidden)) [R, H]."""
+    talker = nnx.merge(graphdef, state)
+    with jax.named_scope("talker_projections"):
+        return talker.text_projection(embeds), talker.hidden_projection(hidden)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _embed_codes(graphdef, state, ids):
+    """talker.model.codec_embedding of int ids [...] -> [..., H]."""
+    return nnx.merge(graphdef, state).embed_codes(ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _code2wav(graphdef, state, codes):
+    """Code2Wav: int [B, G, T] -> [B, 1, 1920 T - 555]."""
+    return nnx.merge(graphdef, state)(codes)
+
+
+def _empty_cache(cfg, cache_len: int, dtype):
+    shape = (1, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("cache_len", "moe_impl"))
+def _prefill(graphdef, state, embeds, positions, *, cache_len: int, moe_impl: str):
+    """embeds [1, L, H], positions [3, 1, L] -> (logits [1, V] and final-normed hidden [1, H] at the last row,
+    KV cache of cache_len positions)."""
+    talker = nnx.merge(graphdef, state)
+    n = embeds.shape[1]
+    mask = jnp.tril(jnp.ones((n, n), bool))[None]
+    cache = _empty_cache(talker.cfg.text_config, cache_len, embeds.dtype)
+    logits, hidden, cache = talker(embeds, positions, mask, cache=cache, moe_impl=moe_impl)
+    return logits[:, -1], hidden[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("params", "moe_impl"), donate_argnums=(2,))
+def _step(graphdef, state, cache, c0, h_last, text_row, write_idx, positions, rng, seen, suppress, *,
+          params: SamplingParams, moe_impl: str):
+    """One frame: residual codes of frame (c0, h_last), then the talker step that yields the next c0.
+
+    c0 int [1]; h_last [1, H] (final-normed talker state of the previous position); text_row [1, H];
+    write_idx int [1]; positions [3, 1, 1]; seen bool [1, V] (codec ids sampled so far, c0 included);
+    suppress bool [V]. params: the talker's sampling (its seed is not used here: `rng` is).
+    Returns (frame codes int [1, G], next c0 [1], h_last [1, H], cache).
+    """
+    talker = nnx.merge(graphdef, state)
+    rng_cp, rng_talker = jax.random.split(rng)
+    with jax.named_scope("code_predictor"):
+        residual = talker.code_predictor.predict_frame(
+            h_last, talker.embed_codes(c0), greedy=params.greedy, rng=rng_cp, temperature=CP_TEMPERATURE,
+            top_k=CP_TOP_K, top_p=CP_TOP_P)
+    with jax.named_scope("talker_step"):
+        x = talker.next_frame_embedding(c0, residual) + text_row.astype(h_last.dtype)
+        s = cache[0][0].shape[1]
+        mask = jnp.arange(s)[None, None, :] <= write_idx[:, None, None]
+        logits, hidden, cache = talker(x[:, None], positions, mask, cache=cache, cache_start=write_idx,
+                                       moe_impl=moe_impl)
+    with jax.named_scope("sample_codec"):
+        nxt = next_token(logits[:, 0], rng_talker, params, seen=seen, suppress=suppress)
+    frame = jnp.concatenate([c0[:, None], residual], axis=1)
+    return frame, nxt, hidden[:, 0], cache
+
+
+@dataclasses.dataclass
+class TalkerPrompt:
+    """The talker's input for one request (batch 1).
+
+    embeds float [L, H]: user rows, then the 9 assistant rows (= assistant_text + assistant_codec);
+    ids int [L]: thinker ids of the user rows then tts_pad (used for positions only); positions float32 [3, L];
+    trailing float [N, H]: text rows fed one per decode step (generated tokens g1.., then tts_eos);
+    tts_pad float [H]: the text row once `trailing` is used up.
+    """
+
+    embeds: np.ndarray
+    ids: np.ndarray
+    positions: np.ndarray
+    trailing: np.ndarray
+    tts_pad: np.ndarray
+    num_user_rows: int
+    assistant_text: np.ndarray
+    assistant_codec: np.ndarray
+
+
+@dataclasses.dataclass
+class SpeechResult:
+    codes: np.ndarray  # int32 [G, T] codec frames
+    codec_tokens: list[int]  # every sampled codebook-0 code, including a final EOS or the unexpanded last one
+    finished: bool  # True when the talker sampled codec EOS
+    waveform: np.ndarray | None = None  # float32 [N] at SAMPLE_RATE
+
+
+class SpeechGenerator:
+    """Holds the compiled talker / code2wav functions of one model; reuse it across requests.
+
+    thinker: used only for the input embeddings of tts_bos / tts_eos / tts_pad; talker, code2wav: the modules.
+    """
+
+    def __init__(self, cfg: OmniConfig, thinker, talker, code2wav, *, moe_impl: str = "auto"):
+        if talker is None or code2wav is None:
+            raise SpeechError("this model was loaded without its talker / code2wav (speech output not loaded)")
+        self.cfg = cfg
+        self.tcfg = cfg.talker_config
+        self.moe_impl = moe_impl
+        self.graphdef, self.state = nnx.split(talker)
+        self.dtype = jax.tree.leaves(self.state)[0].dtype
+        self.code2wav = code2wav
+        self._c2w_graphdef, self._c2w_state = nnx.split(code2wav)
+        self.total_upsample = code2wav.total_upsample
+        self.tail_loss = self.total_upsample - code2wav.output_length(1)  # samples a decode lacks at its end
+        vocab = self.tcfg.text_config.vocab_size
+        eos = self.tcfg.codec_eos_token_id
+        suppress = np.zeros(vocab, bool)
+        suppress[max(vocab - 1024, 0):] = True  # the reference's suppress_tokens: [vocab-1024, vocab) except EOS
+        suppress[eos] = False
+        self.suppress = jnp.asarray(suppress)
+        tts_ids = jnp.asarray([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id])
+        tts_text, _ = _project(self.graphdef, self.state, thinker.embed(tts_ids).astype(self.dtype),
+                                    jnp.zeros((3, self.tcfg.thinker_hidden_size), self.dtype))
+        self.tts_bos, self.tts_eos, self.tts_pad = np.asarray(tts_text)
+
+    # -- talker prompt (§6.2) ---------------------------------------------------------------------------------
+    def _codec_rows(self, ids) -> np.ndarray:
+        """talker.model.codec_embedding rows of int ids [K] -> [K, H]."""
+        return np.asarray(_embed_codes(self.graphdef, self.state, jnp.asarray(ids, jnp.int32)))
+
+    def talker_prompt(self, prompt_ids, generated_ids, hidden_embed: np.ndarray, hidden_accept: np.ndarray, *,
+                      speaker: str = "Ethan", audio_seqlens=None, image_grid=None, video_grid=None,
+                      second_per_grids=None) -> TalkerPrompt:
+        """Talker input from one thinker run.
+
+        prompt_ids: the L prompt ids (placeholders expanded); generated_ids: the n generated ids (with the stop id
+        if produced); hidden_embed, hidden_accept float [L + n - 1, thinker_H]: the reference's `hidden_states[0]`
+        and `hidden_states[accept_hidden_layer]` for the prompt followed by every fed-back generated token (the
+        last generated token is never fed back). audio_seqlens (mel frames per audio), image_grid / video_grid
+        ((t, h, w), ...), second_per_grids: the prompt's media, for the talker's TM-RoPE positions.
+        """
+        cfg, tcfg = self.cfg, self.tcfg
+        ids = np.asarray(prompt_ids, np.int64)
+        gen = np.asarray(generated_ids, np.int64)
+        if ids.ndim != 1 or gen.ndim != 1 or np.ndim(hidden_embed) != 2 or np.ndim(hidden_accept) != 2:
+            raise SpeechError("speech output supports one request at a time (batch size 1): pass 1-D prompt / "
+                              "generated ids and [rows, hidden] thinker states")
+        n_prompt, n_gen = ids.shape[0], gen.shape[0]
+        rows = n_prompt + n_gen - 1
+        hidden_embed, hidden_accept = np.asarray(hidden_embed), np.asarray(hidden_accept)
+        if hidden_embed.shape[0] != rows or hidden_accept.shape[0] != rows:
+            raise SpeechError(f"thinker hidden states must cover the {n_prompt} prompt tokens and {n_gen - 1} fed-back "
+                              f"generated tokens ({rows} rows); got {hidden_embed.shape[0]} and "
+                              f"{hidden_accept.shape[0]}")
+        spk = speaker_id(cfg, speaker)
+        a_start = assistant_start(ids, cfg)
+        if rows - a_start < 4:
+            raise SpeechError(f"speech output needs at least 2 generated thinker tokens (the assistant prefix uses "
+                              f"the first one and the talker is fed the rest); the thinker produced {n_gen}")
+        users = user_positions(ids, cfg)
+
+        # Both projections of every row, at a bucketed length so new lengths reuse the compiled function.
+        padded = bucket(rows)
+        pad = ((0, padded - rows), (0, 0))
+        text_rows, mm_rows = _project(self.graphdef, self.state, jnp.asarray(np.pad(hidden_embed, pad), self.dtype),
+                                           jnp.asarray(np.pad(hidden_accept, pad), self.dtype))
+        text_rows, mm_rows = np.asarray(text_rows)[:rows], np.asarray(mm_rows)[:rows]
+
+        th = cfg.thinker_config
+        multimodal = np.isin(ids, [th.audio_token_id, th.image_token_id, th.video_token_id])
+        user_rows = np.where(multimodal[users, None], mm_rows[users], text_rows[users])
+
+        a = text_rows[a_start:]  # im_start, "assistant", "\n", g0, g1, ... (g_{n-1} absent: never fed back)
+        assistant_text = np.concatenate([a[:3], np.repeat(self.tts_pad[None], 4, 0), self.tts_bos[None], a[3:4]])
+        codec_ids = [tcfg.codec_nothink_id, tcfg.codec_think_bos_id, tcfg.codec_think_eos_id, spk,
+                     tcfg.codec_pad_id, tcfg.codec_bos_id]
+        assistant_codec = np.concatenate([np.zeros((3, a.shape[1]), a.dtype), self._codec_rows(codec_ids)])
+        # For batch 1 the reference's per-row EOS re-marking of trailing rows changes nothing: the thinker stops at
+        # its first EOS, which is the last generated token and therefore absent from `a`.
+        trailing = np.concatenate([a[4:], self.tts_eos[None]])
+
+        talker_ids = np.concatenate([ids[users], np.full(TEXT_ROWS, cfg.tts_pad_token_id, np.int64)])
+        embeds = np.concatenate([user_rows, assistant_text + assistant_codec])
+        positions = self._positions(talker_ids, audio_seqlens, image_grid, video_grid, second_per_grids)
+        return TalkerPrompt(embeds, talker_ids, positions, trailing, self.tts_pad, int(users.size), assistant_text,
+                            assistant_codec)
+
+    def _positions(self, talker_ids, audio_seqlens, image_grid, video_grid, second_per_grids) -> np.ndarray:
+        """[3, L] float32. With media in the request, TM-RoPE over the talker ids with the talker config's token
+        ids, merge size and position_id_per_seconds; the audio window comes from the thinker's audio config (the
+        reference's talker config lacks it, P13a: this is what it computes with the `audio_config` workaround).
+        Otherwise plain positions 0..L-1 on all axes."""
+        n = talker_ids.shape[0]
+        has_media = audio_seqlens is not None or bool(image_grid) or bool(video_grid)
+        if not has_media:
+            return np.broadcast_to(np.arange(n, dtype=np.float32)[None], (3, n)).copy()
+        t = self.tcfg
+        pos, _ = get_rope_index(
+            talker_ids[None], None, image_grid_thw=image_grid or None, video_grid_thw=video_grid or None,
+            second_per_grids=second_per_grids or None, audio_seqlens=audio_seqlens, use_audio_in_video=False,
+            spatial_merge_size=t.spatial_merge_size, position_id_per_seconds=t.position_id_per_seconds,
+            image_token_id=t.image_token_id, video_token_id=t.video_token_id, audio_token_id=t.audio_token_id,
+            vision_start_token_id=t.vision_start_token_id, audio_start_token_id=t.audio_start_token_id,
+            n_window=self.cfg.thinker_config.audio_config.n_window, dtype=np.float32)
+        return pos[:, 0]
+
+    # -- talker decoding (§6.3) -------------------------------------------------------------------------------
+    def prefill_logits(self, tp: TalkerPrompt) -> np.ndarray:
+        """Talker prefill logits at the last prompt row, fp32 [V] (for tests and inspection)."""
+        logits, _, _ = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
+                                jnp.asarray(tp.positions[:, None]), cache_len=bucket(tp.embeds.shape[0] + 1),
+                                moe_impl=self.moe_impl)
+        return np.asarray(logits[0], np.float32)
+
+    def frames(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
+               state: dict | None = None) -> Iterator[np.ndarray]:
+        """Yield codec frames int32 [G] as they are produced.
+
+        At most `max_new_tokens` codebook-0 codes are sampled (the first by the prefill); every sampled code but
+        codec EOS and the last one of the budget is expanded into a frame, so at most max_new_tokens - 1 frames.
+        `state`, when given, receives "codec_tokens" (list of sampled codebook-0 ids) and "finished" (EOS seen).
+        """
+        if max_new_tokens < 2:
+            raise SpeechError(f"talker max_new_tokens must be >= 2 (N sampled codes give at most N-1 frames), got "
+                              f"{max_new_tokens}")
+        sampling = sampling or talker_sampling()
+        state = {} if state is None else state
+        n = tp.embeds.shape[0]
+        cache_len = bucket(n + max_new_tokens)
+        vocab = self.tcfg.text_config.vocab_size
+        eos = self.tcfg.codec_eos_token_id
+        rng = jax.random.PRNGKey(sampling.seed)
+        step_params = dataclasses.replace(sampling, seed=0)  # static: one compile for every seed
+        logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
+                                         jnp.asarray(tp.positions[:, None]), cache_len=cache_len,
+                                         moe_impl=self.moe_impl)
+        rng, sub = jax.random.split(rng)
+        # Repetition penalty over generated codec ids only (the talker's `input_ids` start empty).
+        seen = jnp.zeros((1, vocab), bool)
+        c0 = next_token(logits, sub, sampling, seen=seen, suppress=self.suppress)
+        trailing = jnp.asarray(tp.trailing, self.dtype)
+        pad_row = jnp.asarray(tp.tts_pad[None], self.dtype)
+        last_pos = tp.positions[:, -1].astype(np.float32)  # the reference appends last + 1 per axis each step
+        tokens: list[int] = []
+        state.update(codec_tokens=tokens, finished=False)
+        for step in range(max_new_tokens):
+            tok = int(np.asarray(c0)[0])
+            tokens.append(tok)
+            if tok == eos:
+                state["finished"] = True
+                return
+            if step == max_new_tokens - 1:
+                return  # budget spent: the last code is never expanded (the reference does the same)
+            seen = seen.at[0, tok].set(True)
+            text_row = trailing[step][None] if step < trailing.shape[0] else pad_row
+            pos = jnp.asarray((last_pos + 1 + step)[:, None, None])
+            rng, sub = jax.random.split(rng)
+            frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
+                                             jnp.full((1,), n + step, jnp.int32), pos, sub, seen, self.suppress,
+                                             params=step_params, moe_impl=self.moe_impl)
+            yield np.asarray(frame[0], np.int32)
+
+    def generate_codes(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096,
+                       sampling: SamplingParams | None = None) -> SpeechResult:
+        state: dict = {}
+        frames = list(self.frames(tp, max_new_tokens=max_new_tokens, sampling=sampling, state=state))
+        g = self.tcfg.num_code_groups
+        codes = np.stack(frames, axis=1) if frames else np.zeros((g, 0), np.int32)
+        return SpeechResult(codes, list(state["codec_tokens"]), bool(state["finished"]))
+
+    # -- waveform (§7.6) ----------------------------------------------------------------------------------------
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Code2Wav of int [G, T] codes -> float32 [1920*T - 555]. Runs at a bucketed frame count (codes padded on
+        the right with 0): Code2Wav is causal, so the first 1920*T - 555 samples do not depend on the padding."""
+        codes = np.asarray(codes, np.int32)
+        t = codes.shape[-1]
+        padded = np.pad(codes, ((0, 0), (0, bucket(t, 8) - t)))
+        self.code2wav.validate_codes(codes[None])
+        wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded[None]))
+        return np.asarray(wav[0, 0, :t * self.total_upsample - self.tail_loss], np.float32)
+
+    def waveform(self, codes: np.ndarray, chunk_size: int = 300, left_context_size: int = 25) -> np.ndarray:
+        """The reference's offline result: `chunked_decode(codes, 300, 25)` of int [G, T] -> float32 [N]."""
+        codes = np.asarray(codes, np.int32)
+        if codes.shape[-1] == 0:
+            return np.zeros(0, np.float32)
+        self.code2wav.validate_codes(codes[None])
+        wav = self.code2wav.chunked_decode(codes[None], chunk_size, left_context_size,
+                                           decode_fn=lambda c: self.decode(np.asarray(c)[0])[None, None])
+        return np.asarray(wav[0, 0], np.float32)
+
+    # -- streaming ----------------------------------------------------------------------------------------------
+    def stream(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
+               group_frames: int = 4, left_context: int = 25, state: dict | None = None,
+               on_frame: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 waveform chunks at SAMPLE_RATE while the talker produces frames.
+
+        Every `group_frames` new frames (and once more at the end for a partial group), frames [s, e) are decoded
+        together with up to `left_context` earlier frames, i.e. the window [s - c, e) with c = min(left_context, s),
+        and the chunk is that window's output for absolute samples [max(0, 1920 s - 555), 1920 e - 555). The last
+        555 samples of a window depend on frame e, which has not been produced yet, so they are held back and come
+        from the next window instead (no gap, unlike the reference's chunked decode, which drops them per chunk).
+
+        Concatenated, the chunks have the offline length 1920 T - 555 and equal the offline decode `code2wav(codes)`
+        wherever each window reaches back to frame 0 (T <= left_context + group_frames, or left_context >= T);
+        beyond that they differ only through the truncated left context (as the reference's chunks do). For
+        T <= 300 the reference's waveform is that offline decode.
+        Every window is decoded at one static frame count (left_context + group_frames, right-padded: causal).
+        """
+        if group_frames < 1 or left_context < 1:
+            # One frame of context is needed to re-create the 555 held-back samples before a window's first frame.
+            raise SpeechError(f"group_frames and left_context must be >= 1, got {group_frames}, {left_context}")
+        up, loss = self.total_upsample, self.tail_loss
+        window = left_context + group_frames
+        frames: list[np.ndarray] = []
+        start = 0  # first frame not yet emitted
+
+        def chunk(end: int) -> np.ndarray:
+            ctx = min(left_context, start)
+            codes = np.stack(frames[start - ctx:end], axis=1)
+            padded = np.pad(codes, ((0, 0), (0, window - codes.shape[1])))
+            self.code2wav.validate_codes(codes[None])
+            wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded[None]))
+            wav = np.asarray(wav[0, 0], np.float32)
+            first = max(0, start * up - loss) - (start - ctx) * up  # absolute -> window sample index
+            return wav[first:end * up - loss - (start - ctx) * up]
+
+        for frame in self.frames(tp, max_new_tokens=max_new_tokens, sampling=sampling, state=state):
+            frames.append(frame)
+            if on_frame is not None:
+                on_frame(len(frames))
+            if len(frames) - start == group_frames:
+                out = chunk(len(frames))
+                start = len(frames)
+                yield out
+        if len(frames) > start:
+            yield chunk(len(frames))
+
