@@ -116,6 +116,14 @@ def _require_positive(cfg, *names):
             raise ConfigError(f"{type(cfg).__name__}.{n} must be a positive integer, got {v!r}")
 
 
+def _check_ids(cfg, names, vocab: int, prefix: str, what: str):
+    """Every named token id (None = unset) must index the vocabulary."""
+    for name in names:
+        tid = getattr(cfg, name)
+        if tid is not None and not 0 <= tid < vocab:
+            raise ConfigError(f"{prefix}{name}={tid} is outside the {what} (vocab_size={vocab})")
+
+
 def _rope_from_hf(d: dict, default_theta: float, with_mrope: bool) -> dict:
     rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
     theta = rp.get("rope_theta", d.get("rope_theta", default_theta))
@@ -428,11 +436,9 @@ class ThinkerConfig(_HFConfig):
 
     def __post_init__(self):
         v = self.text_config.vocab_size
-        for name in ("audio_token_id", "image_token_id", "video_token_id", "audio_start_token_id",
-                     "audio_end_token_id", "vision_start_token_id", "vision_end_token_id", "user_token_id"):
-            tid = getattr(self, name)
-            if tid is not None and not 0 <= tid < v:
-                raise ConfigError(f"thinker {name}={tid} is outside the vocabulary (vocab_size={v})")
+        _check_ids(self, ("audio_token_id", "image_token_id", "video_token_id", "audio_start_token_id",
+                          "audio_end_token_id", "vision_start_token_id", "vision_end_token_id", "user_token_id"),
+                   v, "thinker ", "vocabulary")
         if self.audio_config.output_dim != self.text_config.hidden_size:
             raise ConfigError(f"audio_config.output_dim ({self.audio_config.output_dim}) must equal the thinker "
                               f"hidden_size ({self.text_config.hidden_size})")
@@ -474,11 +480,8 @@ class TalkerConfig(_HFConfig):
     def __post_init__(self):
         object.__setattr__(self, "speaker_id", tuple(sorted((str(k).lower(), int(v)) for k, v in self.speaker_id)))
         v = self.text_config.vocab_size
-        for name in ("codec_eos_token_id", "codec_nothink_id", "codec_think_bos_id", "codec_think_eos_id",
-                     "codec_pad_id", "codec_bos_id"):
-            tid = getattr(self, name)
-            if not 0 <= tid < v:
-                raise ConfigError(f"talker {name}={tid} is outside the codec vocabulary (vocab_size={v})")
+        _check_ids(self, ("codec_eos_token_id", "codec_nothink_id", "codec_think_bos_id", "codec_think_eos_id",
+                          "codec_pad_id", "codec_bos_id"), v, "talker ", "codec vocabulary")
         for spk, tid in self.speaker_id:
             if not 0 <= tid < v:
                 raise ConfigError(f"talker speaker_id[{spk!r}]={tid} is outside the codec vocabulary ({v})")
@@ -524,11 +527,9 @@ class OmniConfig(_HFConfig):
 
     def __post_init__(self):
         v = self.thinker_config.text_config.vocab_size
-        for name in ("im_start_token_id", "im_end_token_id", "tts_pad_token_id", "tts_bos_token_id",
-                     "tts_eos_token_id", "system_token_id", "user_token_id", "assistant_token_id"):
-            tid = getattr(self, name)
-            if not 0 <= tid < v:
-                raise ConfigError(f"{name}={tid} is outside the thinker vocabulary (vocab_size={v})")
+        _check_ids(self, ("im_start_token_id", "im_end_token_id", "tts_pad_token_id", "tts_bos_token_id",
+                          "tts_eos_token_id", "system_token_id", "user_token_id", "assistant_token_id"),
+                   v, "", "thinker vocabulary")
         if self.enable_audio_output:
             if self.code2wav_config.num_quantizers != self.talker_config.num_code_groups:
                 raise ConfigError(f"code2wav num_quantizers ({self.code2wav_config.num_quantizers}) must equal "
