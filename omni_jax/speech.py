@@ -17,7 +17,12 @@ Reference: spec §6.2 (talker prompt), §6.3 (decode loop), §7.6 (chunked decod
 - `SpeechGenerator.stream`: waveform chunks while frames are produced (see its docstring for what the chunks
   concatenate to).
 
-Batch size 1 only (the reference batches rows left-aligned with several quirks; see §6.2).
+Batches (`talker_prompts`, `generate_codes_batch`, `waveforms`) follow the reference's batched `generate`: the
+assistant part is located with row 0 (all rows end at the same column under its left padding), each row's
+trailing text rows get the per-row EOS re-marking (§6.2; a row whose thinker stopped before the longest one sees
+its EOS projection, then tts_eos, then tts_pad), the talker runs every row together and each row stops at its own
+codec EOS, and each row's waveform is cut at its own length. `talker_prompt` / `frames` / `stream` serve one
+request.
 """
 
 from __future__ import annotations
@@ -106,32 +111,35 @@ def _code2wav(graphdef, state, codes):
     return nnx.merge(graphdef, state)(codes)
 
 
-def _empty_cache(cfg, cache_len: int, dtype):
-    shape = (1, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+def _empty_cache(cfg, batch: int, cache_len: int, dtype):
+    shape = (batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("cache_len", "moe_impl"))
-def _prefill(graphdef, state, embeds, positions, *, cache_len: int, moe_impl: str):
-    """embeds [1, L, H], positions [3, 1, L] -> (logits [1, V] and final-normed hidden [1, H] at the last row,
-    KV cache of cache_len positions)."""
+def _prefill(graphdef, state, embeds, positions, last, *, cache_len: int, moe_impl: str):
+    """embeds [B, L, H] (rows right-padded), positions [3, B, L], last int [B] (each row's last prompt index) ->
+    (logits [B, V] and final-normed hidden [B, H] at each row's last prompt row, KV cache of cache_len positions).
+    Causal mask only: a row's valid positions never see its padding, and decoding overwrites the padding's cache
+    slots before they become visible."""
     talker = nnx.merge(graphdef, state)
-    n = embeds.shape[1]
+    b, n, _ = embeds.shape
     mask = jnp.tril(jnp.ones((n, n), bool))[None]
-    cache = _empty_cache(talker.cfg.text_config, cache_len, embeds.dtype)
+    cache = _empty_cache(talker.cfg.text_config, b, cache_len, embeds.dtype)
     logits, hidden, cache = talker(embeds, positions, mask, cache=cache, moe_impl=moe_impl)
-    return logits[:, -1], hidden[:, -1], cache
+    at = last[:, None, None]
+    return (jnp.take_along_axis(logits, at, axis=1)[:, 0], jnp.take_along_axis(hidden, at, axis=1)[:, 0], cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("params", "moe_impl"), donate_argnums=(2,))
 def _step(graphdef, state, cache, c0, h_last, text_row, write_idx, positions, rng, seen, suppress, *,
           params: SamplingParams, moe_impl: str):
-    """One frame: residual codes of frame (c0, h_last), then the talker step that yields the next c0.
+    """One frame per row: residual codes of frame (c0, h_last), then the talker step that yields the next c0.
 
-    c0 int [1]; h_last [1, H] (final-normed talker state of the previous position); text_row [1, H];
-    write_idx int [1]; positions [3, 1, 1]; seen bool [1, V] (codec ids sampled so far, c0 included);
+    c0 int [B]; h_last [B, H] (final-normed talker state of the previous position); text_row [B, H];
+    write_idx int [B]; positions [3, B, 1]; seen bool [B, V] (codec ids sampled so far, c0 included);
     suppress bool [V]. params: the talker's sampling (its seed is not used here: `rng` is).
-    Returns (frame codes int [1, G], next c0 [1], h_last [1, H], cache).
+    Returns (frame codes int [B, G], next c0 [B], h_last [B, H], cache).
     """
     talker = nnx.merge(graphdef, state)
     rng_cp, rng_talker = jax.random.split(rng)
@@ -153,11 +161,12 @@ def _step(graphdef, state, cache, c0, h_last, text_row, write_idx, positions, rn
 
 @dataclasses.dataclass
 class TalkerPrompt:
-    """The talker's input for one request (batch 1).
+    """The talker's input for one request (or one row of a batch: `SpeechGenerator.talker_prompts`).
 
     embeds float [L, H]: user rows, then the 9 assistant rows (= assistant_text + assistant_codec);
     ids int [L]: thinker ids of the user rows then tts_pad (used for positions only); positions float32 [3, L];
-    trailing float [N, H]: text rows fed one per decode step (generated tokens g1.., then tts_eos);
+    trailing float [N, H]: text rows fed one per decode step (generated tokens g1.., then tts_eos; in a batch, N is
+    the batch's length and a row that stopped early ends with its EOS projection, tts_eos, then tts_pad);
     tts_pad float [H]: the text row once `trailing` is used up.
     """
 
@@ -224,49 +233,132 @@ class SpeechGenerator:
         last generated token is never fed back). audio_seqlens (mel frames per audio), image_grid / video_grid
         ((t, h, w), ...), second_per_grids: the prompt's media, for the talker's TM-RoPE positions.
         """
-        cfg, tcfg = self.cfg, self.tcfg
         ids = np.asarray(prompt_ids, np.int64)
         gen = np.asarray(generated_ids, np.int64)
         if ids.ndim != 1 or gen.ndim != 1 or np.ndim(hidden_embed) != 2 or np.ndim(hidden_accept) != 2:
-            raise SpeechError("speech output supports one request at a time (batch size 1): pass 1-D prompt / "
-                              "generated ids and [rows, hidden] thinker states")
+            raise SpeechError("talker_prompt serves one request (batch size 1): pass 1-D prompt / generated ids and "
+                              "[rows, hidden] thinker states (talker_prompts builds a batch)")
         n_prompt, n_gen = ids.shape[0], gen.shape[0]
         rows = n_prompt + n_gen - 1
-        hidden_embed, hidden_accept = np.asarray(hidden_embed), np.asarray(hidden_accept)
-        if hidden_embed.shape[0] != rows or hidden_accept.shape[0] != rows:
-            raise SpeechError(f"thinker hidden states must cover the {n_prompt} prompt tokens and {n_gen - 1} fed-back "
-                              f"generated tokens ({rows} rows); got {hidden_embed.shape[0]} and "
-                              f"{hidden_accept.shape[0]}")
-        spk = speaker_id(cfg, speaker)
-        a_start = assistant_start(ids, cfg)
+        self._check_rows(hidden_embed, hidden_accept, rows, f"the {n_prompt} prompt tokens and {n_gen - 1} fed-back "
+                                                             f"generated tokens")
+        spk = speaker_id(self.cfg, speaker)
+        a_start = assistant_start(ids, self.cfg)
         if rows - a_start < 4:
             raise SpeechError(f"speech output needs at least 2 generated thinker tokens (the assistant prefix uses "
                               f"the first one and the talker is fed the rest); the thinker produced {n_gen}")
+        # One request: the thinker stops at its first EOS, the last generated token, which is never fed back; so
+        # the reference's per-row EOS re-marking of trailing rows changes nothing (first_eos=None).
+        media = dict(audio_seqlens=audio_seqlens, image_grid=image_grid, video_grid=video_grid,
+                     second_per_grids=second_per_grids)
+        return self._row_prompt(ids, np.asarray(hidden_embed), np.asarray(hidden_accept), a_start=a_start,
+                                trailing_len=rows - a_start - 3, first_eos=None, spk=spk, media=media)
+
+    def talker_prompts(self, prompt_ids, generated_ids, hidden_embed, hidden_accept, *, speaker: str = "Ethan",
+                       media=None) -> list[TalkerPrompt]:
+        """Talker inputs of a batch of requests whose thinker ran as one batch, as the reference's batched
+        `generate` builds them (its rows left-padded to one length, so every prompt ends at the same column).
+
+        prompt_ids, generated_ids: per row, the L_i prompt ids and the n_i generated ids. The batch ran
+        N = max(n_i) thinker steps; a row with n_i < N stopped at its first EOS (its last token) and, as in the
+        reference, that EOS was still fed back. hidden_embed / hidden_accept: per row float [L_i + f_i, thinker_H]
+        with f_i = min(n_i, N - 1): the reference's `hidden_states[0]` / `[accept_hidden_layer]` rows of the
+        prompt and the row's fed-back generated tokens. media: per row None or a dict with the keys
+        audio_seqlens / image_grid / video_grid / second_per_grids of `talker_prompt`.
+
+        As the reference: the assistant part starts, in every row, at the offset from the prompt end of row 0's
+        last `<|im_start|>assistant`; every row's trailing text has the batch length (N - 1 for prompts ending
+        with the generation prompt), and a row whose first EOS is generated token e gets tts_eos at entry e and
+        tts_pad after it (so it sees its EOS projection at entry e - 1; the longest rows do not).
+        """
+        cfg = self.cfg
+        b = len(prompt_ids)
+        if not (b == len(generated_ids) == len(hidden_embed) == len(hidden_accept)) or b == 0:
+            raise SpeechError(f"talker_prompts needs one prompt, generated ids and hidden states per row; got "
+                              f"{len(prompt_ids)}, {len(generated_ids)}, {len(hidden_embed)}, {len(hidden_accept)}")
+        media = [None] * b if media is None else list(media)
+        if len(media) != b:
+            raise SpeechError(f"talker_prompts: media has {len(media)} entries for {b} rows")
+        ids = [np.asarray(p, np.int64).reshape(-1) for p in prompt_ids]
+        gens = [np.asarray(g, np.int64).reshape(-1) for g in generated_ids]
+        if any(p.size == 0 for p in ids) or any(g.size == 0 for g in gens):
+            raise SpeechError("talker_prompts: every row needs a prompt and at least one generated token")
+        spk = speaker_id(cfg, speaker)
+        steps = max(g.size for g in gens)
+        offset = ids[0].size - assistant_start(ids[0], cfg)  # row 0 locates the assistant part for every row
+        trailing_len = offset + steps - 4  # the reference's A[4:] over the batch length, then tts_eos
+        if trailing_len < 1:
+            raise SpeechError(f"speech output needs at least 2 generated thinker tokens (the assistant prefix uses "
+                              f"the first one and the talker is fed the rest); the longest row has {steps}")
+        out = []
+        for i in range(b):
+            fed = min(gens[i].size, steps - 1)
+            self._check_rows(hidden_embed[i], hidden_accept[i], ids[i].size + fed,
+                             f"row {i}: its {ids[i].size} prompt tokens and {fed} fed-back generated tokens")
+            a_start = ids[i].size - offset
+            if a_start < 0:
+                raise SpeechError(f"row {i}: its prompt ({ids[i].size} tokens) is shorter than the assistant part "
+                                  f"located in row 0 ({offset} tokens before the end); every row must end with the "
+                                  f"assistant generation prompt")
+            first_eos = gens[i].size - 1 if gens[i].size < steps else None
+            out.append(self._row_prompt(ids[i], np.asarray(hidden_embed[i]), np.asarray(hidden_accept[i]),
+                                        a_start=a_start, trailing_len=trailing_len, first_eos=first_eos, spk=spk,
+                                        media=media[i] or {}, row=i))
+        return out
+
+    @staticmethod
+    def _check_rows(hidden_embed, hidden_accept, rows: int, what: str):
+        if np.ndim(hidden_embed) != 2 or np.ndim(hidden_accept) != 2:
+            raise SpeechError(f"thinker hidden states must be [rows, hidden]; got shapes {np.shape(hidden_embed)} "
+                              f"and {np.shape(hidden_accept)}")
+        if np.shape(hidden_embed)[0] != rows or np.shape(hidden_accept)[0] != rows:
+            raise SpeechError(f"thinker hidden states must cover {what} ({rows} rows); got "
+                              f"{np.shape(hidden_embed)[0]} and {np.shape(hidden_accept)[0]}")
+
+    def _row_prompt(self, ids: np.ndarray, hidden_embed: np.ndarray, hidden_accept: np.ndarray, *, a_start: int,
+                    trailing_len: int, first_eos: int | None, spk: int, media: dict, row: int = 0) -> TalkerPrompt:
+        """One row's talker input. hidden_* [R, thinker_H]: the prompt, then the fed-back generated tokens.
+        trailing_len: entries of the trailing text (the reference's batch-wide length); first_eos: index of the
+        row's first generated EOS when the row stopped before the batch did (None otherwise)."""
+        cfg, tcfg = self.cfg, self.tcfg
+        rows = hidden_embed.shape[0]
         users = user_positions(ids, cfg)
 
         # Both projections of every row, at a bucketed length so new lengths reuse the compiled function.
         padded = bucket(rows)
         pad = ((0, padded - rows), (0, 0))
         text_rows, mm_rows = _project(self.graphdef, self.state, jnp.asarray(np.pad(hidden_embed, pad), self.dtype),
-                                           jnp.asarray(np.pad(hidden_accept, pad), self.dtype))
+                                      jnp.asarray(np.pad(hidden_accept, pad), self.dtype))
         text_rows, mm_rows = np.asarray(text_rows)[:rows], np.asarray(mm_rows)[:rows]
 
         th = cfg.thinker_config
         multimodal = np.isin(ids, [th.audio_token_id, th.image_token_id, th.video_token_id])
         user_rows = np.where(multimodal[users, None], mm_rows[users], text_rows[users])
 
-        a = text_rows[a_start:]  # im_start, "assistant", "\n", g0, g1, ... (g_{n-1} absent: never fed back)
+        a = text_rows[a_start:]  # im_start, "assistant", "\n", g0, g1, ... (fed-back generated tokens only)
+        if a.shape[0] < 4:
+            raise SpeechError(f"row {row}: the assistant part has {a.shape[0]} rows; the talker prompt needs 4 (the "
+                              f"assistant prefix and the first generated token)")
         assistant_text = np.concatenate([a[:3], np.repeat(self.tts_pad[None], 4, 0), self.tts_bos[None], a[3:4]])
         codec_ids = [tcfg.codec_nothink_id, tcfg.codec_think_bos_id, tcfg.codec_think_eos_id, spk,
                      tcfg.codec_pad_id, tcfg.codec_bos_id]
         assistant_codec = np.concatenate([np.zeros((3, a.shape[1]), a.dtype), self._codec_rows(codec_ids)])
-        # For batch 1 the reference's per-row EOS re-marking of trailing rows changes nothing: the thinker stops at
-        # its first EOS, which is the last generated token and therefore absent from `a`.
-        trailing = np.concatenate([a[4:], self.tts_eos[None]])
+
+        # Trailing text: the reference's A[4 : 4 + trailing_len - 1] then tts_eos; for a row that stopped early,
+        # entry first_eos becomes tts_eos and later entries tts_pad (§6.2).
+        j = np.arange(trailing_len)
+        eos_at = trailing_len - 1 if first_eos is None else min(first_eos, trailing_len - 1)
+        real = j < eos_at  # entries that keep a projected thinker row
+        if 4 + int(real.sum()) > a.shape[0]:
+            raise SpeechError(f"row {row}: the reference would feed the talker thinker rows past this row's EOS "
+                              f"(an assistant prefix shorter than '<|im_start|>assistant\\n'); not supported")
+        trailing = np.where((j > eos_at)[:, None], self.tts_pad[None], self.tts_eos[None]).astype(a.dtype)
+        trailing[real] = a[4:4 + int(real.sum())]
 
         talker_ids = np.concatenate([ids[users], np.full(TEXT_ROWS, cfg.tts_pad_token_id, np.int64)])
         embeds = np.concatenate([user_rows, assistant_text + assistant_codec])
-        positions = self._positions(talker_ids, audio_seqlens, image_grid, video_grid, second_per_grids)
+        positions = self._positions(talker_ids, media.get("audio_seqlens"), media.get("image_grid"),
+                                    media.get("video_grid"), media.get("second_per_grids"))
         return TalkerPrompt(embeds, talker_ids, positions, trailing, self.tts_pad, int(users.size), assistant_text,
                             assistant_codec)
 
@@ -292,9 +384,10 @@ class SpeechGenerator:
     # -- talker decoding (§6.3) -------------------------------------------------------------------------------
     def prefill_logits(self, tp: TalkerPrompt) -> np.ndarray:
         """Talker prefill logits at the last prompt row, fp32 [V] (for tests and inspection)."""
+        n = tp.embeds.shape[0]
         logits, _, _ = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
-                                jnp.asarray(tp.positions[:, None]), cache_len=bucket(tp.embeds.shape[0] + 1),
-                                moe_impl=self.moe_impl)
+                                jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
+                                cache_len=bucket(n + 1), moe_impl=self.moe_impl)
         return np.asarray(logits[0], np.float32)
 
     def frames(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
@@ -317,8 +410,8 @@ class SpeechGenerator:
         rng = jax.random.PRNGKey(sampling.seed)
         step_params = dataclasses.replace(sampling, seed=0)  # static: one compile for every seed
         logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
-                                         jnp.asarray(tp.positions[:, None]), cache_len=cache_len,
-                                         moe_impl=self.moe_impl)
+                                         jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
+                                         cache_len=cache_len, moe_impl=self.moe_impl)
         rng, sub = jax.random.split(rng)
         # Repetition penalty over generated codec ids only (the talker's `input_ids` start empty).
         seen = jnp.zeros((1, vocab), bool)
@@ -353,16 +446,102 @@ class SpeechGenerator:
         codes = np.stack(frames, axis=1) if frames else np.zeros((g, 0), np.int32)
         return SpeechResult(codes, list(state["codec_tokens"]), bool(state["finished"]))
 
+    def frames_batch(self, tps: list[TalkerPrompt], *, max_new_tokens: int = 4096,
+                     sampling: SamplingParams | None = None, state: dict | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Decode several talker prompts together (the reference's batched talker `generate`).
+
+        Yields (frames int32 [B, G], emitted bool [B]) per step: row b produced frames[b] at this step iff
+        emitted[b]. Each row follows `frames`' rules on its own (a row stops at its codec EOS; the batch stops
+        when every row has, or after `max_new_tokens` sampled codes). Rows are right-padded to one bucketed length
+        and each writes its cache at its own index. Greedy rows equal their `frames` result; sampled rows draw
+        from one key per step for the whole batch (not the per-request streams of `frames`).
+        `state`, when given, receives "codec_tokens" (per row list of sampled codebook-0 ids) and "finished"
+        (per row: codec EOS seen).
+        """
+        if max_new_tokens < 2:
+            raise SpeechError(f"talker max_new_tokens must be >= 2 (N sampled codes give at most N-1 frames), got "
+                              f"{max_new_tokens}")
+        if not tps:
+            raise SpeechError("frames_batch needs at least one talker prompt")
+        sampling = sampling or talker_sampling()
+        state = {} if state is None else state
+        b = len(tps)
+        lengths = np.array([tp.embeds.shape[0] for tp in tps], np.int32)
+        width = bucket(int(lengths.max()))
+        hidden = tps[0].embeds.shape[1]
+        embeds = np.zeros((b, width, hidden), np.float32)
+        positions = np.zeros((3, b, width), np.float32)  # padding positions: never seen by a valid row
+        n_trail = max(tp.trailing.shape[0] for tp in tps)
+        trailing = np.broadcast_to(tps[0].tts_pad, (b, n_trail, hidden)).astype(np.float32)  # tts_pad past the end
+        for i, tp in enumerate(tps):
+            embeds[i, :lengths[i]] = tp.embeds
+            positions[:, i, :lengths[i]] = tp.positions
+            trailing[i, :tp.trailing.shape[0]] = tp.trailing
+        last_pos = positions[:, np.arange(b), lengths - 1]  # [3, B]; the reference appends last + 1 per step
+        cache_len = bucket(width + max_new_tokens)
+        vocab = self.tcfg.text_config.vocab_size
+        eos = self.tcfg.codec_eos_token_id
+        rng = jax.random.PRNGKey(sampling.seed)
+        step_params = dataclasses.replace(sampling, seed=0)  # static: one compile for every seed
+        logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(embeds, self.dtype),
+                                         jnp.asarray(positions), jnp.asarray(lengths - 1), cache_len=cache_len,
+                                         moe_impl=self.moe_impl)
+        rng, sub = jax.random.split(rng)
+        seen = jnp.zeros((b, vocab), bool)  # repetition penalty over each row's generated codec ids only
+        c0 = next_token(logits, sub, sampling, seen=seen, suppress=self.suppress)
+        trailing = jnp.asarray(trailing, self.dtype)
+        pad_rows = jnp.asarray(np.broadcast_to(tps[0].tts_pad, (b, hidden)), self.dtype)
+        rows = jnp.arange(b)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        finished = [False] * b
+        state.update(codec_tokens=tokens, finished=finished)
+        for step in range(max_new_tokens):
+            tok = np.asarray(c0)
+            active = np.zeros(b, bool)
+            for i in range(b):
+                if not finished[i]:
+                    tokens[i].append(int(tok[i]))
+                    finished[i] = bool(tok[i] == eos)
+                    active[i] = not finished[i]
+            if not active.any() or step == max_new_tokens - 1:
+                return  # every row stopped, or the budget is spent (the last codes are never expanded)
+            seen = seen.at[rows, c0].set(True)  # finished rows keep decoding (static batch); their output is unused
+            text_row = trailing[:, step] if step < n_trail else pad_rows
+            pos = jnp.asarray((last_pos + 1 + step)[:, :, None])
+            rng, sub = jax.random.split(rng)
+            frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
+                                             jnp.asarray(lengths + step), pos, sub, seen, self.suppress,
+                                             params=step_params, moe_impl=self.moe_impl)
+            yield np.asarray(frame, np.int32), active
+
+    def generate_codes_batch(self, tps: list[TalkerPrompt], *, max_new_tokens: int = 4096,
+                             sampling: SamplingParams | None = None) -> list[SpeechResult]:
+        """`frames_batch` collected per row: one SpeechResult per prompt (codes cut at the row's own EOS)."""
+        state: dict = {}
+        per_row: list[list[np.ndarray]] = [[] for _ in tps]
+        for frames, emitted in self.frames_batch(tps, max_new_tokens=max_new_tokens, sampling=sampling, state=state):
+            for i in np.nonzero(emitted)[0]:
+                per_row[i].append(frames[i])
+        g = self.tcfg.num_code_groups
+        return [SpeechResult(np.stack(f, axis=1) if f else np.zeros((g, 0), np.int32), list(toks), bool(done))
+                for f, toks, done in zip(per_row, state["codec_tokens"], state["finished"])]
+
     # -- waveform (§7.6) ----------------------------------------------------------------------------------------
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Code2Wav of int [G, T] codes -> float32 [1920*T - 555]. Runs at a bucketed frame count (codes padded on
-        the right with 0): Code2Wav is causal, so the first 1920*T - 555 samples do not depend on the padding."""
+    def decode_batch(self, codes: np.ndarray) -> np.ndarray:
+        """Code2Wav of int [B, G, T] codes -> float32 [B, 1920*T - 555]. Runs at a bucketed frame count (codes
+        padded on the right with 0): Code2Wav is causal, so the first 1920*T - 555 samples do not depend on the
+        padding."""
         codes = np.asarray(codes, np.int32)
+        self.code2wav.validate_codes(codes)
         t = codes.shape[-1]
-        padded = np.pad(codes, ((0, 0), (0, bucket(t, 8) - t)))
-        self.code2wav.validate_codes(codes[None])
-        wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded[None]))
-        return np.asarray(wav[0, 0, :t * self.total_upsample - self.tail_loss], np.float32)
+        padded = np.pad(codes, ((0, 0), (0, 0), (0, bucket(t, 8) - t)))
+        wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded))
+        return np.asarray(wav[:, 0, :t * self.total_upsample - self.tail_loss], np.float32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Code2Wav of int [G, T] codes -> float32 [1920*T - 555] (see decode_batch)."""
+        return self.decode_batch(np.asarray(codes, np.int32)[None])[0]
 
     def waveform(self, codes: np.ndarray, chunk_size: int = 300, left_context_size: int = 25) -> np.ndarray:
         """The reference's offline result: `chunked_decode(codes, 300, 25)` of int [G, T] -> float32 [N]."""
@@ -373,6 +552,23 @@ class SpeechGenerator:
         wav = self.code2wav.chunked_decode(codes[None], chunk_size, left_context_size,
                                            decode_fn=lambda c: self.decode(np.asarray(c)[0])[None, None])
         return np.asarray(wav[0, 0], np.float32)
+
+    def waveforms(self, codes: list[np.ndarray], chunk_size: int = 300, left_context_size: int = 25
+                  ) -> list[np.ndarray]:
+        """Per-row waveforms of a batch, as the reference's batched `generate` makes them: the rows' int [G, T_i]
+        codes right-padded with 0 to the longest, one chunked decode of the batch, row i cut to
+        1920 T_i - 555 ceil(T_i / chunk_size) samples. Equal to `waveform` of each row alone (Code2Wav is causal
+        and the chunk boundaries coincide). Rows without frames give empty waveforms."""
+        rows = [np.asarray(c, np.int32) for c in codes]
+        t = max((c.shape[-1] for c in rows), default=0)
+        if t == 0:
+            return [np.zeros(0, np.float32) for _ in rows]
+        batch = np.stack([np.pad(c, ((0, 0), (0, t - c.shape[-1]))) for c in rows])
+        wav = self.code2wav.chunked_decode(batch, chunk_size, left_context_size,
+                                           decode_fn=lambda c: self.decode_batch(np.asarray(c))[:, None])
+        wav = np.asarray(wav[:, 0], np.float32)
+        lengths = [c.shape[-1] * self.total_upsample - self.tail_loss * -(-c.shape[-1] // chunk_size) for c in rows]
+        return [w[:n] for w, n in zip(wav, lengths)]
 
     # -- streaming ----------------------------------------------------------------------------------------------
     def stream(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
