@@ -35,6 +35,35 @@ def _add_generate(sub):
                         "containers with an audio stream)")
 
 
+def _add_mesh_args(p):
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="run on a device mesh, e.g. 'expert=8' or 'data=2,expert=4' (axes data, fsdp, expert, "
+                        "tensor; -1 takes the remaining devices): parameters load directly at their shardings and "
+                        "MoE layers run expert-parallel. Default: one device")
+    p.add_argument("--rules", default="default", help="sharding rules preset for --mesh (default, fsdp, fsdp_ep, "
+                                                       "ep_tp; see omni_jax/sharding.py)")
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="per-device memory of a model on a mesh (no allocation)",
+                       description="Print, from shapes alone, how many bytes of parameters (and optionally AdamW "
+                                   "state and KV cache) each device holds on a mesh, e.g. "
+                                   "`omni-jax plan --preset 30b-a3b --mesh expert=8`.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory (its config.json is read; no weights are loaded)")
+    src.add_argument("--preset", help="architecture preset (tiny, 30b-a3b, 30b-a3b-thinking)")
+    p.add_argument("--mesh", required=True, metavar="SPEC", help="e.g. expert=8 or fsdp=4,expert=8")
+    p.add_argument("--devices", type=int, default=None, help="device count (needed when SPEC uses -1)")
+    p.add_argument("--rules", default="default", help="sharding rules preset (default, fsdp, fsdp_ep, ep_tp)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="parameter dtype")
+    p.add_argument("--parts", default=None, help="comma-separated parts (thinker,talker,code2wav); default: all "
+                                                  "the config has")
+    p.add_argument("--optimizer", choices=["adamw"], default=None, help="add training optimizer state")
+    p.add_argument("--batch", type=int, default=0, help="with --seq-len: add the thinker KV cache")
+    p.add_argument("--seq-len", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert between HF safetensors and Orbax",
                        description="Convert a model directory (HF or Orbax) to Orbax or back to an HF directory.")
@@ -73,7 +102,7 @@ def cmd_generate(a) -> int:
 
         raise SpeechError("--speak with --use-audio-in-video is not supported (the reference's talker does not "
                           "receive use_audio_in_video either)")
-    session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None)
+    session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None, mesh=a.mesh, rules=a.rules)
     sampling = session.sampling(greedy=True if a.greedy else None, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed)
     if a.speak is not None:
@@ -132,6 +161,19 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_plan(a) -> int:
+    from omni_jax import plan as planning
+    from omni_jax.checkpoint.hf import load_config
+    from omni_jax.config import preset
+
+    cfg = preset(a.preset) if a.preset else load_config(a.model)
+    parts = tuple(x.strip() for x in a.parts.split(",")) if a.parts else None
+    p = planning.plan(cfg, planning.mesh_sizes(a.mesh, a.devices), rules=a.rules, dtype=a.dtype, parts=parts,
+                      optimizer=a.optimizer, batch=a.batch, seq_len=a.seq_len)
+    print(json.dumps(p.to_json()) if a.json else planning.format_plan(p))
+    return 0
+
+
 def cmd_init(a) -> int:
     from omni_jax.init_model import write_random_model
 
@@ -140,14 +182,48 @@ def cmd_init(a) -> int:
     return 0
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train (or fine-tune) a model from a config file",
+                       description="Train from an ml_collections config file (`get_config(arg)`); resumes from the "
+                                   "latest checkpoint in --workdir. Override any config value with "
+                                   "--config.SECTION.KEY=VALUE (unknown keys are errors). The toy task: "
+                                   "omni-jax train --config configs/toy.py --workdir /tmp/omni_toy")
+    p.add_argument("--config", default="toy", help="FILE.py[:ARG] or a name in configs/ (default: toy)")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/ and export/ go here")
+    p.add_argument("--init-from", default=None, help="start from an HF directory or omni_jax Orbax checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train(a) -> int:
+    import logging
+
+    from omni_jax.config import ConfigError
+    from omni_jax.train.loop import train
+
+    bad = [x for x in a.overrides if not x.startswith("--config.")]
+    if bad:
+        raise ConfigError(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.SECTION.KEY=VALUE)")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    out = train(a.config, a.workdir, a.overrides, init_from=a.init_from, progress=not a.no_progress)
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen3-Omni in JAX: generate, convert, init.")
+    parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen3-Omni in JAX: generate, plan, convert, init.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
+    _add_mesh_args(sub.choices["generate"])
+    _add_plan(sub)
     _add_convert(sub)
     _add_init(sub)
-    a = parser.parse_args(argv)
-    handlers = {"generate": cmd_generate, "convert": cmd_convert, "init": cmd_init}
+    _add_train(sub)
+    a, extra = parser.parse_known_args(argv)
+    if extra and a.cmd != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    a.overrides = extra
+    handlers = {"generate": cmd_generate, "convert": cmd_convert, "init": cmd_init, "plan": cmd_plan,
+                "train": cmd_train}
     from omni_jax.errors import user_errors
 
     try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from omni_jax.checkpoint import hf as hf_io
 from omni_jax.checkpoint import orbax_io
-from omni_jax.generate import GenerationError, ThinkerGenerator, text_prompt_batch
+from omni_jax.generate import GenerationError, PromptBatch, ThinkerGenerator, text_prompt_batch
 from omni_jax.processing.tokenizer import Tokenizer
 from omni_jax.prompt import ThinkerPrompt, prepare_thinker_prompt
 from omni_jax.sampling import SamplingParams
@@ -27,12 +27,13 @@ from omni_jax.speech import SpeechError, SpeechGenerator, speaker_id
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_model(path: str, *, dtype: str = "float32", parts=None):
+def load_model(path: str, *, dtype: str = "float32", parts=None, mesh=None, rules="default"):
+    """(model, cfg); with a mesh every parameter is placed directly at its sharding as it is read."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if orbax_io.is_orbax_dir(path):
-        return orbax_io.load_orbax(path, dtype=DTYPES[dtype], parts=parts)
-    return hf_io.load_hf(path, dtype=DTYPES[dtype], parts=parts)
+        return orbax_io.load_orbax(path, dtype=DTYPES[dtype], parts=parts, mesh=mesh, rules=rules)
+    return hf_io.load_hf(path, dtype=DTYPES[dtype], parts=parts, mesh=mesh, rules=rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +85,28 @@ def check_speech_available(model_dir: str) -> None:
 
 
 class OmniSession:
-    """speech=True loads the talker and code2wav as well (only then can `speak` / `stream_speech` run)."""
+    """speech=True loads the talker and code2wav as well (only then can `speak` / `stream_speech` run).
+    mesh: a mesh spec string ("data=2,expert=4", see omni_jax.sharding.make_mesh) or a Mesh: the thinker is
+    loaded at its shardings (`rules`: a preset name of omni_jax.sharding.RULE_PRESETS) and runs on that mesh."""
 
-    def __init__(self, model_dir: str, *, dtype: str = "float32", parts=("thinker",), speech: bool = False):
+    def __init__(self, model_dir: str, *, dtype: str = "float32", parts=("thinker",), speech: bool = False,
+                 mesh=None, rules: str = "default"):
         self.model_dir = model_dir
+        if mesh is not None:
+            from omni_jax import sharding
+
+            if speech:
+                raise sharding.MeshError("--mesh with speech output is not supported yet (the talker and code2wav "
+                                         "run on one device); drop --mesh or --speak")
+            mesh = sharding.make_mesh(mesh) if isinstance(mesh, str) else mesh
+        self.mesh = mesh
         if speech:
             check_speech_available(model_dir)
             parts = SPEECH_PARTS
-        self.model, self.cfg = load_model(model_dir, dtype=dtype, parts=parts)
+        self.model, self.cfg = load_model(model_dir, dtype=dtype, parts=parts, mesh=mesh, rules=rules)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.defaults = GenerationDefaults.from_dir(model_dir)
-        self.generator = ThinkerGenerator(self.model.thinker)
+        self.generator = ThinkerGenerator(self.model.thinker, mesh=mesh, rules=rules)
         self.speech = (SpeechGenerator(self.cfg, self.model.thinker, self.model.talker, self.model.code2wav)
                        if speech else None)
 
@@ -196,3 +208,77 @@ class OmniSession:
         yield from self.speech.stream(tp, max_new_tokens=talker_max_new_tokens, sampling=talker,
                                       group_frames=group_frames, left_context=left_context, state=state)
 
+
+    # -- a batch of requests -----------------------------------------------------------------------------------
+    def _thinker_batch(self, prompts: list[ThinkerPrompt]) -> PromptBatch:
+        """Several prompts as one right-padded thinker batch; with media in any row, every row's merged input
+        embeddings (and DeepStack features, zero where a row has none) are built per row and stacked."""
+        if not any(p.has_media for p in prompts):
+            return text_prompt_batch([p.input_ids for p in prompts])
+        rows = [self.generator.multimodal_batch(p.input_ids, p.positions, p.delta, audio=p.audio, image=p.image,
+                                                video=p.video) for p in prompts]
+        width = max(r.input_ids.shape[1] for r in rows)
+        b, hidden = len(rows), rows[0].embeds.shape[-1]
+
+        def pad(x, value=0):  # [..., P_i] along the last-but-feature / sequence axis -> width
+            return np.pad(np.asarray(x), [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=value)
+
+        ids = np.concatenate([pad(r.input_ids) for r in rows])
+        positions = np.concatenate([pad(np.asarray(r.positions, np.float32)) for r in rows], axis=1)
+        embeds = np.zeros((b, width, hidden), np.asarray(rows[0].embeds).dtype)
+        for i, r in enumerate(rows):
+            embeds[i, :r.embeds.shape[1]] = np.asarray(r.embeds[0])
+        layers = max((len(r.deepstack) for r in rows if r.deepstack is not None), default=0)
+        deepstack = None
+        if layers:
+            deepstack = [np.zeros_like(embeds) for _ in range(layers)]
+            for i, r in enumerate(rows):
+                for k, feat in enumerate(r.deepstack or ()):
+                    deepstack[k][i, :feat.shape[1]] = np.asarray(feat[0])
+            deepstack = [jnp.asarray(d) for d in deepstack]
+        return PromptBatch(ids, np.concatenate([r.lengths for r in rows]), positions,
+                           np.concatenate([r.deltas for r in rows]), jnp.asarray(embeds), deepstack)
+
+    def speak_batch(self, messages_list, *, speaker: str = "Ethan", max_new_tokens=None,
+                    sampling: SamplingParams | None = None, talker_max_new_tokens: int = 4096,
+                    talker: SamplingParams | None = None) -> list[dict]:
+        """Speech for several conversations at once, with the semantics of transformers' batched
+        `generate(..., return_audio=True)`: one thinker batch, one talker batch, each row stopping at its own EOS
+        (see omni_jax.speech.SpeechGenerator.talker_prompts for the reference's per-row trailing-text quirk).
+        Returns one `speak`-style dict per conversation ("waveform" float32 [N_i] cut at the row's codec EOS)."""
+        speech = self._require_speech(speaker)
+        if not messages_list:
+            raise SpeechError("speak_batch needs at least one conversation")
+        prompts = [self.prompt(m) for m in messages_list]
+        max_new = max_new_tokens or self.defaults.max_new_tokens
+        for i, p in enumerate(prompts):
+            if not p.input_ids:
+                raise GenerationError(f"prompt {i} is empty")
+            self.generator.check_context(len(p.input_ids), max_new, f"prompt {i} (after media placeholders)")
+        k = self.cfg.talker_config.accept_hidden_layer
+        batch = self._thinker_batch(prompts)
+        res = self.generator.generate(batch, max_new_tokens=max_new, sampling=sampling or self.sampling(),
+                                      stop_ids=self.stop_ids(), collect_hidden=(0, k))
+        steps, padded = max(len(t) for t in res.token_ids), batch.input_ids.shape[1]
+
+        def rows(h, i):  # row i's prompt, then the generated tokens the batch fed back (an early EOS included)
+            n, fed = len(prompts[i].input_ids), min(len(res.token_ids[i]), steps - 1)
+            return np.concatenate([h[i, :n], h[i, padded:padded + fed]])
+
+        media = [dict(audio_seqlens=None if p.audio is None else [int(f) for f in p.audio[1]],
+                      image_grid=None if p.image is None else list(p.image[1]),
+                      video_grid=None if p.video is None else list(p.video[1]),
+                      second_per_grids=list(p.video_second_per_grid) or None) for p in prompts]
+        tps = speech.talker_prompts([p.input_ids for p in prompts], res.token_ids,
+                                    [rows(res.hidden[0], i) for i in range(len(prompts))],
+                                    [rows(res.hidden[k], i) for i in range(len(prompts))], speaker=speaker,
+                                    media=media)
+        results = speech.generate_codes_batch(tps, max_new_tokens=talker_max_new_tokens, sampling=talker)
+        wavs = speech.waveforms([r.codes for r in results])
+        outs = []
+        for p, toks, r, wav in zip(prompts, res.token_ids, results, wavs):
+            out = self._text_result(p.input_ids, toks)
+            out.update(waveform=wav, codes=r.codes, num_codec_frames=int(r.codes.shape[1]), codec_finished=r.finished,
+                       codec_tokens=r.codec_tokens)
+            outs.append(out)
+        return outs

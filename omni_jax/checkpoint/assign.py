@@ -93,9 +93,12 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]] | 
     def finish(path, arr):
         var = params[path]
         target_dtype = dtype or get_value(var).dtype
-        value = jnp.asarray(arr, dtype=target_dtype)
         if shardings and path in shardings:
-            value = jax.device_put(value, shardings[path])
+            # Each device (and so each host) materialises only its own shard of the tensor.
+            value = jax.make_array_from_callback(
+                arr.shape, shardings[path], lambda index: np.asarray(arr[index]).astype(target_dtype))
+        else:
+            value = jnp.asarray(arr, dtype=target_dtype)
         done[path] = value
 
     for key, value in tensors:

@@ -66,20 +66,34 @@ def iter_checkpoint(path: str):
 
 
 def load_hf(path: str, *, dtype=jnp.float32, parts: tuple[str, ...] | None = None, shardings=None,
-            progress=None) -> tuple[OmniModel, OmniConfig]:
+            progress=None, mesh=None, rules="default") -> tuple[OmniModel, OmniConfig]:
     """Load an HF directory into an OmniModel with parameters of `dtype`.
 
     parts: which of ("thinker", "talker", "code2wav") to build (default: all the config has). Tensors of parts
     not built are skipped deliberately; anything else unmapped, missing or mis-shaped raises CheckpointError.
+    mesh / rules: place every tensor at its sharding (omni_jax.sharding) as it is read; `shardings`
+    ({our_path: Sharding}) overrides per parameter.
     """
     files = shard_files(path)
     cfg = load_config(path)
     model = nnx.eval_shape(lambda: OmniModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), parts=parts))
+    if mesh is not None:
+        from omni_jax import sharding
+
+        sharding.check_model_fits(mesh, _moe_text_configs(model))
+        shardings = {**sharding.path_shardings(model, mesh, sharding.get_rules(rules)), **(shardings or {})}
     report = load_tensors(model, (kv for fn in files for kv in S.iter_tensors(fn)), dtype=dtype,
                           shardings=shardings, skip_prefixes=model.skipped_prefixes(), progress=progress,
                           strict=False)
     report.raise_if_bad(f"checkpoint {path}")
     return model, cfg
+
+
+def _moe_text_configs(model: OmniModel):
+    out = [("thinker", model.cfg.thinker_config.text_config)]
+    if model.talker is not None:
+        out.append(("talker", model.cfg.talker_config.text_config))
+    return out
 
 
 def export_items(model: nnx.Module, root: str = "", dtype=None):

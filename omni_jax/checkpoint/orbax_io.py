@@ -50,8 +50,11 @@ def save_orbax(model: OmniModel, cfg: OmniConfig, out: str, *, copy_from: str | 
                 shutil.copy(src, os.path.join(out, fn))
 
 
-def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None):
-    """Restore (model, cfg). dtype defaults to the saved parameter dtype; parts must be a subset of the saved."""
+def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None, mesh=None, rules="default"):
+    """Restore (model, cfg). dtype defaults to the saved parameter dtype; parts must be a subset of the saved.
+
+    With a mesh every array is restored directly at its sharding (omni_jax.sharding rules): tensorstore reads
+    only the slices this process's devices hold, so no host or device ever holds the whole model."""
     path = os.path.abspath(path)
     if not is_orbax_dir(path):
         raise CheckpointError(f"{path} is not an omni_jax Orbax checkpoint (no {PARAMS}/ and {META})")
@@ -67,9 +70,17 @@ def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None):
     graphdef, abs_state = nnx.split(abstract)
     # Restore only the parts asked for: Orbax reads the subtree named by the target and nothing else.
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abs_state))
-    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mesh is not None:
+        from omni_jax import sharding
+
+        sharding.check_model_fits(mesh, [("thinker", cfg.thinker_config.text_config)]
+                                  + ([("talker", cfg.talker_config.text_config)] if "talker" in parts else []))
+        where = nnx.to_pure_dict(sharding.named_shardings(abs_state, mesh, sharding.get_rules(rules)))
+    else:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        where = jax.tree.map(lambda _: single, target)
     with ocp.PyTreeCheckpointer() as ckptr:
-        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=single), target)
+        restore_args = jax.tree.map(lambda x, sh: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=sh), target, where)
         extra = {"partial_restore": True} if parts != saved_parts else {}
         restored = ckptr.restore(os.path.join(path, PARAMS),
                                  args=ocp.args.PyTreeRestore(target, restore_args=restore_args, **extra))

@@ -17,6 +17,7 @@ from omni_jax.layers.mlp import GatedMLP, MoE
 from omni_jax.layers.rope import cos_sin, rope_angles
 from omni_jax.models.audio_encoder import AudioEncoder, packed_row_index
 from omni_jax.models.vision_encoder import VisionEncoder
+from omni_jax.sharding import constrain
 
 
 def _ranks(slots):
@@ -79,6 +80,7 @@ class TextModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl)
+                x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
             new_cache.append(c)
             router.append(r)
             if i + 1 in collect_hidden:

@@ -4,12 +4,17 @@
 experts' weights; with many (prefill, training) tokens are sorted by expert and run through a grouped matmul.
 On CPU/GPU XLA lowers `ragged_dot` densely over all experts, so for decode the gather path is much cheaper
 (see docs/PERFORMANCE.md). Pallas grouped-matmul kernels (megablox on TPU) plug in here.
+
+Under a mesh with an `expert` axis > 1 (omni_jax.sharding.activate) the call runs expert-parallel
+(kernels/moe/expert_parallel.py): tokens go to the devices holding their experts, and `impl` picks the local
+grouped matmul there. Without a mesh nothing changes.
 """
 
 from __future__ import annotations
 
 import jax
 
+from omni_jax.kernels.moe import expert_parallel
 from omni_jax.kernels.moe.ref import expert_ffn_dense, expert_ffn_gather, expert_ffn_sorted, expert_ffn_tiled
 
 IMPLS = {"sorted": expert_ffn_sorted, "tiled": expert_ffn_tiled, "gather": expert_ffn_gather,
@@ -27,8 +32,10 @@ def choose_impl(num_tokens: int, top_k: int, num_experts: int, backend: str | No
 
 def expert_ffn(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
     """x [N, H], idx [N, K], weights [N, K], w_gate/w_up [E, H, I], w_down [E, I, H] -> [N, H]."""
+    if impl != "auto" and impl not in IMPLS:
+        raise ValueError(f"unknown expert_ffn impl {impl!r}; available: {sorted(IMPLS)} or 'auto'")
+    if expert_parallel.is_active():
+        return expert_parallel.expert_ffn_ep(x, idx, weights, w_gate, w_up, w_down, impl=impl)
     if impl == "auto":
         impl = choose_impl(x.shape[0], idx.shape[1], w_gate.shape[0])
-    if impl not in IMPLS:
-        raise ValueError(f"unknown expert_ffn impl {impl!r}; available: {sorted(IMPLS)} or 'auto'")
     return IMPLS[impl](x, idx, weights, w_gate, w_up, w_down)
