@@ -1,0 +1,386 @@
+"""The trainer: config files, model init, the step loop, Orbax checkpoints (exact resume), metrics, eval, SIGTERM.
+
+    omni-jax train --config configs/toy.py[:arg] --workdir DIR [--config.section.key=value ...] [--init-from DIR]
+
+Workdir layout: `checkpoints/<step>/` (Orbax CheckpointManager: params, frozen params, optimizer state, RNG,
+step, and the data iterator's state as JSON), `metrics.jsonl` (one JSON object per logged step; eval rows carry
+eval_loss / eval_exact_match), `tensorboard/` (event files), `tokenizer/` (when the model has no tokenizer
+directory of its own) and `export/` (the final model as an omni_jax Orbax model directory: `omni-jax generate
+--model DIR/export`, `omni-jax convert --model DIR/export --to hf --out HF_DIR`).
+
+Resume: a run started on a workdir with checkpoints continues from the latest one; the data order, optimizer
+state and RNG are restored, so the per-step losses equal those of an uninterrupted run bit for bit (on the same
+device kind). Metric rows past the restored step (written by a killed run after its last checkpoint) are
+dropped. SIGTERM (preemption) saves a checkpoint after the current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from omni_jax.config import ConfigError, OmniConfig
+from omni_jax.errors import OmniJaxError
+from omni_jax.train import data as D
+from omni_jax.train import step as TS
+
+log = logging.getLogger("omni_jax.train")
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+class TrainError(OmniJaxError):
+    """A training run that cannot start (workdir not writable, missing model directory, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------- config files
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/file.py[:arg]` (or a name in the repository's configs/, e.g. `toy:quick`) -> get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py") and not os.path.exists(path):
+        path = os.path.join(REPO_CONFIGS, path + ".py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    mod_spec = importlib.util.spec_from_file_location(f"omni_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg) function")
+    cfg = module.get_config(arg or None)
+    cfg.lock()  # unknown keys in overrides are errors
+    return cfg
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        low = text.lower()
+        if low not in ("true", "false", "1", "0"):
+            raise ConfigError(f"expected true/false, got {text!r}")
+        return low in ("true", "1")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, (tuple, list)):
+        v = ast.literal_eval(text)
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    return text
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=value` strings (also `config.a.b=value`); unknown keys raise ConfigError."""
+    for item in overrides:
+        key, eq, text = item.lstrip("-").partition("=")
+        if not eq or not key.startswith("config."):
+            raise ConfigError(f"bad override {item!r}: expected --config.section.key=value")
+        parts = key[len("config."):].split(".")
+        node = cfg
+        for i, name in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(name, keys, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(keys)}"
+                raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r}{hint}")
+            if i < len(parts) - 1:
+                node = node[name]
+        try:
+            node[parts[-1]] = _parse_value(text, node[parts[-1]])
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"bad value for {key}: {text!r} ({e})") from e
+    return cfg
+
+
+def _section(cfg, name: str, cls, ignore: tuple[str, ...] = ()):
+    d = {k: v for k, v in dict(cfg[name]).items() if k not in ignore}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+        raise ConfigError(f"unknown keys in config.{name}: {sorted(unknown)}; known: {sorted(fields)}")
+    return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg, init_from: str | None):
+    """(OmniModel, OmniConfig, tokenizer directory or None)."""
+    from omni_jax.models.omni import OmniModel
+
+    parts = tuple(cfg.model.parts)
+    init_from = init_from or cfg.model.init_from
+    if init_from:
+        from omni_jax.inference import load_model
+
+        if not os.path.isdir(init_from):
+            raise TrainError(f"--init-from: model directory not found: {init_from}")
+        model, mcfg = load_model(init_from, dtype=cfg.model.dtype, parts=parts)
+        return model, mcfg, init_from
+    if cfg.model.preset == "toy":
+        from omni_jax.train.toy import toy_model_config
+
+        mcfg = toy_model_config()
+    else:
+        from omni_jax.config import preset
+
+        mcfg = preset(cfg.model.preset)
+    if "talker" not in parts and mcfg.enable_audio_output:
+        mcfg = dataclasses.replace(mcfg, enable_audio_output=False)
+    model = OmniModel(mcfg, dtype=jnp.dtype(cfg.model.dtype), rngs=nnx.Rngs(cfg.model.seed), parts=parts)
+    return model, mcfg, None
+
+
+def _write_tokenizer(out: str, mcfg: OmniConfig) -> str:
+    from omni_jax.config import TINY_VOCAB
+    from omni_jax.processing.tiny_tokenizer import write_processor_config, write_tiny_tokenizer
+
+    if mcfg.thinker_config.text_config.vocab_size != TINY_VOCAB:
+        raise TrainError("a randomly initialised model other than the tiny/toy presets has no tokenizer: use "
+                         "--init-from with an HF directory")
+    os.makedirs(out, exist_ok=True)
+    write_tiny_tokenizer(out)
+    write_processor_config(out)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": False, "max_new_tokens": 16, "eos_token_id": [mcfg.im_end_token_id],
+                   "pad_token_id": mcfg.im_end_token_id}, f, indent=2)
+    return out
+
+
+def active_params(params, mcfg: OmniConfig) -> float:
+    """Trainable parameters touched per token (expert tensors weighted by top-k / experts), for the MFU
+    estimate (6 * active params FLOPs per token; attention's sequence-length term is left out)."""
+    t = mcfg.thinker_config.text_config
+    frac = t.num_experts_per_tok / t.num_experts if t.num_experts else 1.0
+    total = 0.0
+    for path, v in nnx.to_flat_state(params):
+        n = float(np.prod(v.shape))
+        total += n * frac if "experts" in map(str, path) else n
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+
+
+def check_workdir(workdir: str):
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainError(f"workdir {workdir} is not writable ({e.strerror or e})") from e
+
+
+def _to_device(batch: dict) -> dict:
+    b = dict(batch)
+    b["positions"] = np.ascontiguousarray(np.moveaxis(b["positions"], 1, 0))  # [B, 3, T] -> [3, B, T]
+    return jax.tree.map(jnp.asarray, b)
+
+
+class MetricsLog:
+    def __init__(self, workdir: str, resume_step: int):
+        from omni_jax.train.events import EventWriter
+
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):  # drop rows a killed run wrote after its last checkpoint
+            with open(self.path) as f:
+                rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(rows)
+        self.f = open(self.path, "a")
+        self.tb = EventWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, row: dict):
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        self.tb.scalars(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+
+    def close(self):
+        self.f.close()
+        self.tb.close()
+
+
+class Trainer:
+    """One training run. `mesh`: the hook for issue 6 (multi-device); None trains on one device."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None, mesh=None,
+                 progress: bool = True):
+        self.cfg, self.workdir, self.progress = cfg, os.path.abspath(workdir), progress
+        self.data_cfg = _section(cfg, "data", D.DataConfig, ignore=("train_file", "eval_file"))
+        self.optim_cfg = _section(cfg, "optim", TS.OptimConfig)
+        self.loss_cfg = _section(cfg, "loss", TS.LossConfig)
+        self.tc = cfg.train
+        if mesh is not None:
+            # Hook for issue 6: build shardings for params / frozen / opt_state / batch from omni_jax.sharding
+            # rules, device_put the state, pass them to TS.make_steps(shardings=...) and run under the mesh.
+            raise NotImplementedError("mesh training is not wired yet (needs omni_jax.sharding from issue 6)")
+        check_workdir(self.workdir)
+        self.train_file, self.eval_file = self._data_files()
+        self.model, self.mcfg, tok_dir = build_model(cfg, init_from)
+        self.tok_dir = tok_dir or _write_tokenizer(os.path.join(self.workdir, "tokenizer"), self.mcfg)
+        from omni_jax.processing.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.from_dir(self.tok_dir)
+        self.patterns = TS.freeze_patterns(self.tc.freeze)
+        self.graphdef, params, frozen = TS.split_trainable(self.model, self.patterns)
+        self.tx = TS.make_optimizer(self.optim_cfg)
+        self.schedule = TS.lr_schedule(self.optim_cfg)
+        self.state = {"params": params, "frozen": frozen, "opt_state": self.tx.init(params),
+                      "rng": jax.random.key_data(jax.random.key(self.tc.seed)), "step": jnp.int32(0)}
+        self.train_step, self.eval_step = TS.make_steps(self.graphdef, self.tx, self.loss_cfg,
+                                                        image_grid=D.batch_image_grid(self.data_cfg))
+        self.flops_per_token = 6.0 * active_params(params, self.mcfg)
+        self._stop = False
+
+    def _data_files(self):
+        d = self.cfg.data
+        if self.cfg.toy.enabled and not d.train_file:
+            from omni_jax.train.toy import write_toy_dataset
+
+            tasks = tuple(t for t in self.cfg.toy.tasks.split(",") if t)
+            return write_toy_dataset(os.path.join(self.workdir, "toy_data"), self.cfg.toy.n_train,
+                                     self.cfg.toy.n_eval, self.cfg.toy.seed, tasks)
+        if not d.train_file:
+            raise TrainError("config.data.train_file is empty (and config.toy.enabled is false)")
+        for f in (d.train_file, d.eval_file):
+            if f and not os.path.isfile(f):
+                raise D.DataError(f"data file not found: {f}")
+        return d.train_file, d.eval_file or None
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+
+    def _manager(self):
+        opts = ocp.CheckpointManagerOptions(max_to_keep=self.tc.keep_ckpts, create=True,
+                                            enable_async_checkpointing=self.tc.async_checkpoint)
+        return ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=opts)
+
+    def _save(self, mngr, step: int, data_it, force: bool = False):
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+                                                data=ocp.args.JsonSave(data_it.state())), force=force)
+
+    def _restore(self, mngr, data_it) -> int:
+        step = mngr.latest_step()
+        if step is None:
+            return 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+        got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         data=ocp.args.JsonRestore()))
+        self.state = got["state"]
+        data_it.restore(got["data"])
+        log.info("resumed from %s step %d", mngr.directory, step)
+        return int(step)
+
+    # ------------------------------------------------------------------------------------------------- loop
+
+    def evaluate(self) -> dict:
+        if not self.eval_file:
+            return {}
+        tot_loss = tot_tok = em = n = 0.0
+        for batch in D.eval_batches(self.eval_file, self.tokenizer, self.mcfg, self.data_cfg,
+                                    self.tc.eval_max_examples or None):
+            m = jax.device_get(self.eval_step(self.state["params"], self.state["frozen"], _to_device(batch)))
+            tot_loss += float(m["ce_loss"]) * float(m["target_tokens"])
+            tot_tok += float(m["target_tokens"])
+            em += float(m["exact_match_count"])
+            n += float(m["examples"])
+        return {"eval_loss": tot_loss / max(tot_tok, 1.0), "eval_exact_match": em / max(n, 1.0),
+                "eval_examples": int(n)}
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self._stop = True
+
+    def run(self) -> dict:
+        tc = self.tc
+        data_it = D.TrainIterator(self.train_file, self.tokenizer, self.mcfg, self.data_cfg)
+        mngr = self._manager()
+        start = self._restore(mngr, data_it)
+        metrics = MetricsLog(self.workdir, start)
+        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        t0, t_start, tokens, step, last = time.time(), time.time(), 0, start, {}
+        try:
+            for step in range(start + 1, tc.steps + 1):
+                batch = _to_device(next(data_it))
+                tokens += int(np.asarray(batch["valid"]).sum())
+                p, o, m = self.train_step(self.state["params"], self.state["frozen"], self.state["opt_state"],
+                                          batch)
+                self.state.update(params=p, opt_state=o, step=jnp.int32(step))
+                if step % tc.log_every == 0 or step == tc.steps:
+                    m = jax.device_get(m)
+                    dt = max(time.time() - t0, 1e-9)
+                    row = {"step": step, "loss": float(m["loss"]), "ce_loss": float(m["ce_loss"]),
+                           "aux_loss": float(m["aux_loss"]), "grad_norm": float(m["grad_norm"]),
+                           "learning_rate": float(self.schedule((step - 1) // self.optim_cfg.grad_accum)),
+                           "tokens_per_s": tokens / dt, "bad_records": data_it.filter.bad}
+                    if tc.peak_flops > 0:
+                        row["mfu"] = self.flops_per_token * tokens / dt / tc.peak_flops
+                    metrics.write(row)
+                    last = row
+                    t0, tokens = time.time(), 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
+                    ev = self.evaluate()
+                    if ev:
+                        metrics.write({"step": step, **ev})
+                if tc.ckpt_every and step % tc.ckpt_every == 0:
+                    self._save(mngr, step, data_it)
+                    if tc.debug_sigkill_at and step == tc.debug_sigkill_at:  # for the resume test only
+                        mngr.wait_until_finished()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if bar is not None:
+                    bar.update(1)
+                if self._stop:
+                    self._save(mngr, step, data_it, force=True)
+                    mngr.wait_until_finished()
+                    return {"status": "preempted", "step": step, **last}
+            if mngr.latest_step() != tc.steps and step == tc.steps:
+                self._save(mngr, step, data_it, force=True)
+            mngr.wait_until_finished()
+            final = self.evaluate()
+            if final:
+                metrics.write({"step": step, **final})
+            if tc.export:
+                self.export(os.path.join(self.workdir, "export"))
+            return {"status": "done", "step": step, "wall_s": time.time() - t_start, **last, **final}
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+            if bar is not None:
+                bar.close()
+            metrics.close()
+            mngr.close()
+
+    def merged_model(self):
+        return nnx.merge(self.graphdef, self.state["params"], self.state["frozen"])
+
+    def export(self, out: str):
+        from omni_jax.checkpoint.orbax_io import save_orbax
+
+        save_orbax(self.merged_model(), self.mcfg, out, copy_from=self.tok_dir)
+        return out
+
+
+def train(config: str, workdir: str, overrides: list[str] = (), *, init_from: str | None = None,
+          progress: bool = True) -> dict:
+    cfg = apply_overrides(load_config_file(config), list(overrides))
+    return Trainer(cfg, workdir, init_from=init_from, progress=progress).run()

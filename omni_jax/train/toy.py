@@ -1,0 +1,130 @@
+"""The toy Omni task: procedurally generated multimodal questions with one exact answer each.
+
+- audio: a 1 s clip with 1-4 beeps of one pitch (low 330 Hz / mid 880 Hz / high 1760 Hz), random timing
+  and loudness; "How many tones, and what pitch?" -> e.g. "3 high".
+- image: a 64x64 picture of one coloured shape (red/green/blue circle/square/triangle) at a random place and
+  size on a light background; "What shape is this?" -> e.g. "red circle".
+- text: "What is 3 plus 4?" -> "7" (single digits).
+
+`write_toy_dataset(out_dir, ...)` writes `train.jsonl` / `eval.jsonl` in the ChatML record format of
+`train.data` with the media files beside them, deterministically from a seed (eval uses another seed, so its
+samples are new draws). `toy_model_config()` is the small Omni config that learns it on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from omni_jax.config import OmniConfig, tiny
+
+SAMPLE_RATE = 16000
+CLIP_SECONDS = 1.0
+PITCHES = {"low": 330.0, "mid": 880.0, "high": 1760.0}
+COLOURS = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 70, 230)}
+SHAPES = ("circle", "square", "triangle")
+IMAGE_SIZE = 64
+TASKS = ("audio", "image", "text")
+AUDIO_QUESTION = "How many tones, and what pitch?"
+IMAGE_QUESTION = "What shape is this?"
+
+
+def tone_clip(rng: np.random.Generator, count: int, pitch: str) -> np.ndarray:
+    """float32 [16000]: `count` beeps of 0.1 s (5 ms ramps) separated by 80-120 ms gaps, plus faint noise."""
+    n = int(SAMPLE_RATE * CLIP_SECONDS)
+    wav = rng.normal(0, 0.003, n).astype(np.float32)
+    t = float(rng.uniform(0.0, 0.05))
+    beep = int(0.1 * SAMPLE_RATE)
+    ramp = np.minimum(1.0, np.minimum(np.arange(beep), np.arange(beep)[::-1]) / (0.005 * SAMPLE_RATE))
+    freq = PITCHES[pitch] * float(rng.uniform(0.97, 1.03))
+    for _ in range(count):
+        start = int(t * SAMPLE_RATE)
+        amp = float(rng.uniform(0.3, 0.8))
+        wav[start:start + beep] += amp * ramp * np.sin(2 * np.pi * freq * np.arange(beep) / SAMPLE_RATE)
+        t += 0.1 + float(rng.uniform(0.08, 0.12))
+    return wav
+
+
+def shape_image(rng: np.random.Generator, colour: str, shape: str) -> np.ndarray:
+    """uint8 [64, 64, 3]: one filled shape of size 36-52 px on a light grey background."""
+    from PIL import Image, ImageDraw
+
+    bg = int(rng.integers(200, 256))
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (bg, bg, bg))
+    d = ImageDraw.Draw(img)
+    size = int(rng.integers(36, 53))
+    x0, y0 = (int(v) for v in rng.integers(0, IMAGE_SIZE - size + 1, 2))
+    box = (x0, y0, x0 + size - 1, y0 + size - 1)
+    fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[colour])
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(x0 + size // 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=fill)
+    return np.asarray(img)
+
+
+def make_record(rng: np.random.Generator, kind: str, media_dir: str, name: str) -> dict:
+    """One {"messages": [...]} record (media written under media_dir, referenced relative to its parent)."""
+    rel = os.path.basename(media_dir)
+    if kind == "audio":
+        import soundfile
+
+        count, pitch = int(rng.integers(1, 5)), str(rng.choice(list(PITCHES)))
+        soundfile.write(os.path.join(media_dir, f"{name}.wav"), tone_clip(rng, count, pitch), SAMPLE_RATE,
+                        subtype="PCM_16")
+        user = [{"type": "audio", "path": f"{rel}/{name}.wav"}, {"type": "text", "text": AUDIO_QUESTION}]
+        answer = f"{count} {pitch}"
+    elif kind == "image":
+        from PIL import Image
+
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        Image.fromarray(shape_image(rng, colour, shape)).save(os.path.join(media_dir, f"{name}.png"))
+        user = [{"type": "image", "path": f"{rel}/{name}.png"}, {"type": "text", "text": IMAGE_QUESTION}]
+        answer = f"{colour} {shape}"
+    elif kind == "text":
+        a, b = (int(v) for v in rng.integers(0, 10, 2))
+        user = f"What is {a} plus {b}?"
+        answer = str(a + b)
+    else:
+        raise ValueError(f"unknown toy task {kind!r}; choose from {TASKS}")
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def write_split(out_dir: str, split: str, n: int, seed: int, tasks=TASKS) -> str:
+    media = os.path.join(out_dir, f"{split}_media")
+    os.makedirs(media, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    path = os.path.join(out_dir, f"{split}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        for i in range(n):
+            kind = tasks[i % len(tasks)]
+            f.write(json.dumps(make_record(rng, kind, media, f"{i:06d}")) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_toy_dataset(out_dir: str, n_train: int = 3000, n_eval: int = 150, seed: int = 0,
+                      tasks=TASKS) -> tuple[str, str]:
+    """(train.jsonl, eval.jsonl) paths; reuses existing files written with the same settings."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = os.path.join(out_dir, "toy.json")
+    want = {"n_train": n_train, "n_eval": n_eval, "seed": seed, "tasks": list(tasks)}
+    train, evals = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
+    if os.path.exists(stamp) and os.path.exists(train) and os.path.exists(evals):
+        with open(stamp) as f:
+            if json.load(f) == want:
+                return train, evals
+    train = write_split(out_dir, "train", n_train, seed, tasks)
+    evals = write_split(out_dir, "eval", n_eval, seed + 1_000_003, tasks)
+    with open(stamp, "w") as f:
+        json.dump(want, f)
+    return train, evals
+
+
+def toy_model_config() -> OmniConfig:
+    """The tiny preset without speech output (the thinker learns the toy task)."""
+    return tiny(enable_audio_output=False)
