@@ -112,6 +112,8 @@ class ThinkerGenerator:
         self.cache_dtype = cache_dtype
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "collect"))
         self._decode = jax.jit(self._decode_impl, static_argnames=("params", "collect"), donate_argnums=(1,))
+        self._decode_loop = jax.jit(self._decode_loop_impl, static_argnames=("params", "steps"),
+                                    donate_argnums=(1,))
         self._embed = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
         self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
 
@@ -190,6 +192,36 @@ class ThinkerGenerator:
         nxt = S.constrain(next_token(logits, rng, params, seen=seen), (None,))
         return nxt, logits, cache, _replicated(aux["hidden"])
 
+    def _decode_loop_impl(self, state, cache, tok, lengths, deltas, rng, seen, stop, params: SamplingParams,
+                          steps: int):
+        """`steps` tokens in one while-loop: tok [B] is the first (already sampled) token. Returns (tokens
+        [B, steps] with the first token at 0, finished [B]); the loop ends early once every row has stopped."""
+        b = tok.shape[0]
+        out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(tok)
+        finished = jnp.isin(tok, stop)
+        seen = jnp.zeros((b, 1), bool) if seen is None else seen
+        use_seen = params.repetition_penalty != 1.0
+
+        def cond(carry):
+            step, _, _, _, _, _, finished = carry
+            return (step < steps - 1) & ~jnp.all(finished)
+
+        def body(carry):
+            step, tok, cache, rng, seen, out, finished = carry
+            if use_seen:
+                seen = seen.at[jnp.arange(b), tok].set(True)
+            write_idx = lengths + step
+            rope_pos = write_idx.astype(jnp.float32) + deltas
+            rng, sub = jax.random.split(rng)
+            nxt, _, cache, _ = self._decode_impl(state, cache, tok, write_idx, rope_pos, sub,
+                                                 seen if use_seen else None, params)
+            out = out.at[:, step + 1].set(nxt)
+            return step + 1, nxt, cache, rng, seen, out, finished | jnp.isin(nxt, stop)
+
+        carry = (jnp.int32(0), tok, cache, rng, seen, out, finished)
+        _, _, _, _, _, out, finished = jax.lax.while_loop(cond, body, carry)
+        return out, finished
+
     # -- host loop -----------------------------------------------------------------------------------------
     def generate(self, batch: PromptBatch, *, max_new_tokens: int, sampling: SamplingParams,
                  stop_ids: tuple[int, ...] = (), dtype=None, return_logits: bool = False,
@@ -228,6 +260,19 @@ class ThinkerGenerator:
         finished = np.zeros(b, bool)
         all_logits = [np.asarray(logits)] if return_logits else None
         stop = np.array(stop_ids, np.int64)
+        deltas = jnp.asarray(batch.deltas, jnp.float32)
+        static_params = dataclasses.replace(sampling, seed=0)  # the seed only feeds `rng`: not compile-time
+        if not (collect or return_logits or on_token is not None):
+            # Whole decode in one compiled while-loop: no per-token dispatch or host round trip.
+            toks, done = self._decode_loop(self.state, cache, tok, lengths, deltas, rng, seen,
+                                           jnp.asarray(stop if stop.size else np.array([-1]), jnp.int32),
+                                           params=static_params, steps=max_new_tokens)
+            toks, done = np.asarray(toks), np.asarray(done)
+            for i in range(b):
+                row = toks[i].tolist()
+                hits = [j for j, t in enumerate(row) if t in stop]
+                out[i] = row[:hits[0] + 1] if hits else row
+            return GenerationResult(out, [bool(x) for x in done], None, None)
         for step in range(max_new_tokens):
             tok_np = np.asarray(tok)
             for i in range(b):
@@ -242,11 +287,10 @@ class ThinkerGenerator:
             if seen is not None:
                 seen = seen.at[jnp.arange(b), tok].set(True)
             write_idx = lengths + step
-            rope_pos = write_idx.astype(jnp.float32) + jnp.asarray(batch.deltas, jnp.float32)
+            rope_pos = write_idx.astype(jnp.float32) + deltas
             rng, sub = jax.random.split(rng)
-            # The seed only feeds `rng`; keep it out of the static (compile-time) sampling parameters.
             tok, logits, cache, hid = self._decode(self.state, cache, tok, write_idx, rope_pos, sub, seen,
-                                                   params=dataclasses.replace(sampling, seed=0), collect=collect)
+                                                   params=static_params, collect=collect)
             for i in collect:
                 hidden_steps[i].append(np.asarray(hid[i]))
             if return_logits:
