@@ -83,8 +83,10 @@ class Rule:
         # A placeholder constrained in the HF template (e.g. `{p:decoder\.\d+}`, which may span dots) keeps that
         # constraint on our side, so export matches exactly the paths import produces.
         constraints = {m.group(1): m.group(2) for m in PLACEHOLDER.finditer(self.hf) if m.group(2)}
-        ours = PLACEHOLDER.sub(lambda m: "{%s:%s}" % (m.group(1), m.group(2) or constraints.get(m.group(1), "[^.]+")),
-                               self.ours)
+        def constrained(m):
+            return "{" + m.group(1) + ":" + (m.group(2) or constraints.get(m.group(1), "[^.]+")) + "}"
+
+        ours = PLACEHOLDER.sub(constrained, self.ours)
         return self._regex(ours)
 
     @property

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from omni_jax.errors import OmniJaxError
+from omni_jax.errors import OmniJaxError, check_input_file
 
 SAMPLING_RATE = 16000
 N_FFT = 400
@@ -68,12 +68,7 @@ def load_audio(path, sampling_rate: int = SAMPLING_RATE, max_seconds: float | No
     Returns float32 [N].
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(f"audio file not found: {path!r}")
-    if not os.path.isfile(path):
-        raise AudioError(f"audio path is not a file: {path!r}")
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"audio file is empty (0 bytes): {path!r}")
+    check_input_file(path, "audio", AudioError)
     if max_seconds is not None:  # cheap header check before decoding a long file
         try:
             import soundfile as sf

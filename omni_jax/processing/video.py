@@ -38,6 +38,7 @@ import os
 
 import numpy as np
 
+from omni_jax.errors import check_input_file
 from omni_jax.processing.audio import SAMPLING_RATE
 from omni_jax.processing.vision import VisionInputError, load_video_npy
 
@@ -86,12 +87,7 @@ def sample_frame_indices(total: int, src_fps: float, fps: float, *, temporal_pat
 def _open(path: str):
     import av
 
-    if not os.path.exists(path):
-        raise VideoError(f"video file not found: {path!r}")
-    if not os.path.isfile(path):
-        raise VideoError(f"video path is not a file: {path!r}")
-    if os.path.getsize(path) == 0:
-        raise VideoError(f"video file is empty (0 bytes): {path!r}")
+    check_input_file(path, "video", VideoError)
     try:
         return av.open(path)
     except av.FFmpegError as e:
