@@ -30,7 +30,7 @@ def _loop(x, idx, w, wg, wu, wd):
     return out
 
 
-@pytest.mark.parametrize("impl", ["sorted", "tiled", "gather", "dense", "auto"])
+@pytest.mark.parametrize("impl", ["sorted", "tiled", "bucketed", "slices", "gather", "dense", "auto"])
 def test_impls_match_loop(impl):
     args = _inputs()
     want = _loop(*args)
@@ -38,7 +38,7 @@ def test_impls_match_loop(impl):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["sorted", "tiled"])
+@pytest.mark.parametrize("impl", ["sorted", "tiled", "bucketed"])
 def test_unused_experts_and_skewed_routing(impl):
     x, idx, w, wg, wu, wd = _inputs(n=40, e=8, k=2, seed=1)
     idx[:] = np.array([5, 2])  # every token on the same two experts; others empty groups
@@ -55,10 +55,29 @@ def test_tiled_with_tiles_smaller_than_groups():
     np.testing.assert_allclose(np.asarray(got), _loop(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_auto_picks_gather_for_decode_and_sorted_for_prefill():
-    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128) == "gather"
+def test_bucketed_every_capacity_level_and_the_fallback():
+    """Routings whose largest group lands in each capacity level, and one beyond all levels (tiled fallback):
+    every branch of the run-time switch computes the same function."""
+    from omni_jax.kernels.moe.ref import capacity_levels, expert_ffn_bucketed
+
+    n, e, k = 48, 8, 2
+    levels = capacity_levels(n * k, e)
+    assert levels[0] >= -(-(n * k) // e) and levels[-1] < n * k
+    x, idx, w, wg, wu, wd = _inputs(n=n, e=e, k=k, seed=3)
+    for largest in [*levels, levels[-1] + 1]:  # a group exactly at each level, then one beyond them all
+        idx2 = np.stack([(1 + t % (e - 1), 1 + (t + 1) % (e - 1)) for t in range(n)]).astype(np.int32)
+        idx2[:largest, 0] = 0  # expert 0 holds `largest` copies; the rest spread over experts 1..e-1
+        assert np.bincount(idx2.ravel(), minlength=e).max() == largest
+        want = _loop(x, idx2, w, wg, wu, wd)
+        got = jax.jit(expert_ffn_bucketed)(*map(jnp.asarray, (x, idx2, w, wg, wu, wd)))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=f"largest group {largest}")
+
+
+def test_auto_picks_in_place_slices_for_decode_and_grouped_for_prefill():
+    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128) == "slices"
+    assert api.choose_impl(num_tokens=16, top_k=8, num_experts=128) == "gather"  # 128 copies: too many to unroll
     assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="tpu") == "sorted"
-    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="cpu") == "tiled"
+    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="cpu") == "bucketed"
     with pytest.raises(ValueError, match="unknown expert_ffn impl"):
         api.expert_ffn(*map(jnp.asarray, _inputs()), impl="nope")
 

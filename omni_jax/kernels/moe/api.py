@@ -15,19 +15,32 @@ from __future__ import annotations
 import jax
 
 from omni_jax.kernels.moe import expert_parallel
-from omni_jax.kernels.moe.ref import expert_ffn_dense, expert_ffn_gather, expert_ffn_sorted, expert_ffn_tiled
+from omni_jax.kernels.moe.ref import (
+    expert_ffn_bucketed,
+    expert_ffn_dense,
+    expert_ffn_gather,
+    expert_ffn_slices,
+    expert_ffn_sorted,
+    expert_ffn_tiled,
+)
 
-IMPLS = {"sorted": expert_ffn_sorted, "tiled": expert_ffn_tiled, "gather": expert_ffn_gather,
-         "dense": expert_ffn_dense}
+IMPLS = {"sorted": expert_ffn_sorted, "tiled": expert_ffn_tiled, "bucketed": expert_ffn_bucketed,
+         "slices": expert_ffn_slices, "gather": expert_ffn_gather, "dense": expert_ffn_dense}
+
+# Decode copies (tokens x top_k) up to which `slices` (unrolled, weights read in place) is used; more copies than
+# that, but no more than the experts, take `gather`.
+MAX_SLICE_COPIES = 64
 
 
 def choose_impl(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
-    """Gather when the token copies are fewer than the experts (decode); else grouped matmul: `ragged_dot` on
-    TPU (native grouped matmul), row tiles elsewhere (XLA's CPU/GPU `ragged_dot` is dense over all experts)."""
-    if num_tokens * top_k <= num_experts:
-        return "gather"
+    """Decode (token copies no more than the experts): the selected experts' weights read in place (`slices`, a
+    few copies) or gathered (`gather`). Prefill/training: grouped matmul, `ragged_dot` on TPU (native grouped
+    matmul); elsewhere capacity buckets (XLA's CPU/GPU `ragged_dot` is dense over all experts)."""
+    copies = num_tokens * top_k
+    if copies <= num_experts:
+        return "slices" if copies <= MAX_SLICE_COPIES else "gather"
     backend = backend or jax.default_backend()
-    return "sorted" if backend == "tpu" else "tiled"
+    return "sorted" if backend == "tpu" else "bucketed"
 
 
 def expert_ffn(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):

@@ -6,6 +6,12 @@
 - `expert_ffn_tiled`: token copies sorted by expert into fixed-size row tiles, each tile owned by one expert, then
   one batched matmul over tiles (megablox's layout in plain XLA; the CPU prefill path, where XLA's `ragged_dot`
   is dense over all experts).
+- `expert_ffn_bucketed`: token copies scattered into a per-expert buffer [E, C, H] and one batched matmul against
+  the expert weights as they lie (no weight gather), with the capacity C picked at run time from a few static
+  levels (`lax.switch`) as the smallest that holds the largest group; a group too large for every level runs the
+  tiled path. Exact (no token is dropped); the CPU/GPU prefill path.
+- `expert_ffn_slices`: per token copy, the selected expert's weights read in place (`dynamic_index_in_dim`), no
+  gathered copy of them; unrolled over the few copies of decode (XLA reads the slice inside the dot).
 - `expert_ffn_gather`: gathers only the selected experts' weights per token (decode: few tokens, reads k experts).
 - `expert_ffn_dense`: every expert on every token, masked combine. Test oracle only.
 
@@ -51,6 +57,23 @@ def expert_ffn_gather(x, idx, weights, w_gate, w_up, w_down):
     return jnp.sum(out * weights[..., None].astype(out.dtype), axis=1)
 
 
+def expert_ffn_slices(x, idx, weights, w_gate, w_up, w_down):
+    n, k = idx.shape
+    rows = []
+    for i in range(n):
+        xi = x[i:i + 1]
+        acc = None
+        for j in range(k):
+            e = idx[i, j]
+            g = xi @ jax.lax.dynamic_index_in_dim(w_gate, e, keepdims=False).astype(x.dtype)
+            u = xi @ jax.lax.dynamic_index_in_dim(w_up, e, keepdims=False).astype(x.dtype)
+            y = (jax.nn.silu(g) * u) @ jax.lax.dynamic_index_in_dim(w_down, e, keepdims=False).astype(x.dtype)
+            y = y * weights[i, j].astype(y.dtype)
+            acc = y if acc is None else acc + y
+        rows.append(acc)
+    return jnp.concatenate(rows, axis=0)
+
+
 def expert_ffn_dense(x, idx, weights, w_gate, w_up, w_down):
     e = w_gate.shape[0]
     g = jnp.einsum("NH,EHI->NEI", x, w_gate.astype(x.dtype))
@@ -69,7 +92,7 @@ def tile_rows(num_copies: int, num_experts: int) -> int:
     return t
 
 
-def expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, tile: int | None = None):
+def expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, tile: int | None = None, _per_copy: bool = False):
     n, k = idx.shape
     e = w_gate.shape[0]
     m = n * k
@@ -100,4 +123,52 @@ def expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, tile: int | None = N
     out = jax.lax.map(tile_ffn, (xt, tile_e))
     out_sorted = out.reshape(num_tiles * t, -1)[row]
     per_copy = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+    if _per_copy:  # [N*K, H] unweighted, token-major (expert_ffn_bucketed's fallback)
+        return per_copy
+    return _combine(per_copy, weights, n, k)
+
+
+def capacity_levels(num_copies: int, num_experts: int) -> tuple[int, ...]:
+    """Static per-expert capacities tried in order: 1.25x, 1.5x, 2x and 3x the mean group size (multiples of 8),
+    none above the copy count (a capacity of `num_copies` can hold any routing)."""
+    mean = -(-num_copies // max(num_experts, 1))
+    levels = []
+    for f in (1.25, 1.5, 2.0, 3.0):
+        c = min(-(-int(mean * f) // 8) * 8, num_copies)
+        if not levels or c > levels[-1]:
+            levels.append(c)
+    return tuple(levels)
+
+
+def expert_ffn_bucketed(x, idx, weights, w_gate, w_up, w_down, levels: tuple[int, ...] | None = None):
+    n, k = idx.shape
+    e = w_gate.shape[0]
+    m = n * k
+    levels = levels or capacity_levels(m, e)
+    flat_idx = idx.reshape(-1)
+    order = jnp.argsort(flat_idx, stable=True)
+    sorted_e = flat_idx[order]
+    sizes = jnp.bincount(flat_idx, length=e)
+    first = jnp.cumsum(sizes) - sizes
+    slot = jnp.arange(m) - first[sorted_e]  # rank of each sorted copy inside its expert's group
+    token = order // k  # the token each sorted copy comes from
+
+    def at_capacity(cap):
+        def run(_):
+            dest = sorted_e * cap + slot
+            buf = jnp.zeros((e * cap, x.shape[1]), x.dtype).at[dest].set(x[token])
+            xb = buf.reshape(e, cap, -1)
+            g = jnp.einsum("ECH,EHI->ECI", xb, w_gate.astype(x.dtype))
+            u = jnp.einsum("ECH,EHI->ECI", xb, w_up.astype(x.dtype))
+            y = jnp.einsum("ECI,EIH->ECH", jax.nn.silu(g) * u, w_down.astype(x.dtype)).reshape(e * cap, -1)
+            return jnp.zeros((m, x.shape[1]), x.dtype).at[order].set(y[dest])
+        return run
+
+    def fallback(_):  # a group larger than every level: exact row tiles
+        out = expert_ffn_tiled(x, idx, jnp.ones_like(weights), w_gate, w_up, w_down, _per_copy=True)
+        return out
+
+    branches = [at_capacity(c) for c in levels] + [fallback]
+    choice = jnp.searchsorted(jnp.asarray(levels, jnp.int32), jnp.max(sizes).astype(jnp.int32), side="left")
+    per_copy = jax.lax.switch(choice, branches, None)
     return _combine(per_copy, weights, n, k)
