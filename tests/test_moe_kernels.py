@@ -74,8 +74,9 @@ def test_bucketed_every_capacity_level_and_the_fallback():
 
 
 def test_auto_picks_in_place_slices_for_decode_and_grouped_for_prefill():
-    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128) == "slices"
-    assert api.choose_impl(num_tokens=16, top_k=8, num_experts=128) == "gather"  # 128 copies: too many to unroll
+    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="cpu") == "slices"
+    assert api.choose_impl(num_tokens=16, top_k=8, num_experts=128, backend="cpu") == "gather"  # too many to unroll
+    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="gpu") == "gather"
     assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="tpu") == "sorted"
     assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="cpu") == "bucketed"
     with pytest.raises(ValueError, match="unknown expert_ffn impl"):
