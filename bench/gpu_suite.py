@@ -11,6 +11,10 @@ Sections (each prints one JSON line prefixed "RESULT" and is collected into DIR/
   4. hf_medium         thinker prefill and greedy decode tokens/s vs transformers on the same device (bf16).
   5. full_width        released thinker dimensions with 4 layers (bf16, random weights made on the device):
                        prefill / decode speed and peak device memory; per-layer figures for the 48-layer model.
+  6. speech_full       released talker + code predictor + Code2Wav (bf16, random weights): talker prefill, ms per
+                       80 ms codec frame, time to the first streamed audio chunk, real-time factor.
+  7. thinker_48        the whole released 48-layer thinker (bf16, 61 GB of random weights on the device):
+                       prefill and decode speed, peak memory.
 `--quick` shrinks every size so the whole script runs on a CPU in a few minutes (a dry run before a lease).
 """
 
@@ -267,6 +271,96 @@ def full_width(q):
     record("full_width", **out)
 
 
+def speech_full(q):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omni_jax import config as C
+    from omni_jax.models.code2wav import Code2Wav
+    from omni_jax.models.talker import Talker
+    from omni_jax.models.thinker import Thinker
+    from omni_jax.speech import SAMPLE_RATE, SpeechGenerator, talker_sampling
+
+    cfg = C.released_30b_a3b() if not q else C.tiny()
+    tc = cfg.thinker_config
+    th = Thinker(tc.replace(text_config=tc.text_config.replace(num_hidden_layers=1)), dtype=jnp.bfloat16,
+                 rngs=nnx.Rngs(0), with_encoders=False)  # only its token embedding is used (tts rows)
+    talker = Talker(cfg.talker_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    c2w = Code2Wav(cfg.code2wav_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
+    n_talker = sum(x.size for x in jax.tree.leaves(nnx.state(talker)))
+    n_c2w = sum(x.size for x in jax.tree.leaves(nnx.state(c2w)))
+    sg = SpeechGenerator(cfg, th, talker, c2w)
+    r = np.random.default_rng(0)
+    text = r.integers(1000, 30000, 60).tolist()
+    nl = 198
+    ids = [cfg.im_start_token_id, 872, nl, *text, cfg.im_end_token_id, nl, cfg.im_start_token_id,
+           cfg.assistant_token_id, nl]
+    gen = r.integers(1000, 30000, 40).tolist() + [cfg.im_end_token_id]
+    rows = len(ids) + len(gen) - 1
+    hid = tc.text_config.hidden_size
+    he = (r.normal(size=(rows, hid)) * 0.02).astype(np.float32)
+    ha = (r.normal(size=(rows, hid)) * 0.5).astype(np.float32)
+    tp = sg.talker_prompt(ids, gen, he, ha, speaker="Ethan")
+    greedy = talker_sampling(greedy=True)
+    frames_n = 48
+    for _ in range(2):  # first pass compiles
+        t = time.perf_counter()
+        it = sg.frames(tp, max_new_tokens=frames_n + 1, sampling=greedy)
+        next(it)
+        first = time.perf_counter() - t
+        got = 1 + sum(1 for _ in it)
+        total = time.perf_counter() - t
+    per_frame = (total - first) / max(got - 1, 1)
+    for _ in range(2):
+        t = time.perf_counter()
+        st = sg.stream(tp, max_new_tokens=frames_n + 1, sampling=greedy, group_frames=4)
+        chunk0 = next(st)
+        first_chunk = time.perf_counter() - t
+        samples = chunk0.size + sum(c.size for c in st)
+        stream_total = time.perf_counter() - t
+    audio_s = samples / SAMPLE_RATE
+    record("speech_full", talker_params=int(n_talker), code2wav_params=int(n_c2w), frames=got,
+           first_frame_s=first, ms_per_frame=per_frame * 1e3, first_chunk_s_group4=first_chunk,
+           audio_s=audio_s, stream_wall_s=stream_total, real_time_factor=audio_s / stream_total,
+           peak_device_bytes=peak_bytes())
+
+
+def thinker_48(q):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omni_jax import config as C
+    from omni_jax.generate import ThinkerGenerator, bucket, text_prompt_batch
+    from omni_jax.models.thinker import Thinker
+    from omni_jax.sampling import SamplingParams
+
+    tc = (C.released_30b_a3b(enable_audio_output=False) if not q else C.tiny(enable_audio_output=False)).thinker_config
+    t0 = time.perf_counter()
+    th = Thinker(tc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), with_encoders=False)
+    jax.block_until_ready(nnx.state(th))
+    out = {"layers": tc.text_config.num_hidden_layers, "init_s": time.perf_counter() - t0,
+           "param_bytes": sum(x.nbytes for x in jax.tree.leaves(nnx.state(th)))}
+    gen = ThinkerGenerator(th)
+    prompt, new = (2048, 32) if not q else (64, 8)
+    ids = np.random.RandomState(0).randint(0, tc.text_config.vocab_size // 2, prompt).tolist()
+    batch = text_prompt_batch([ids], min_bucket=prompt)
+    t = time.perf_counter()
+    gen.generate(batch, max_new_tokens=new, sampling=SamplingParams())
+    out["compile_and_first_s"] = time.perf_counter() - t
+    embeds = gen._embed(gen.state, jnp.asarray(batch.input_ids))
+    a = (gen.state, embeds, jnp.asarray(batch.positions), jnp.asarray(batch.lengths), None)
+    cl = bucket(prompt + new)
+    pf = timeit(lambda *z: gen._prefill(*z, cache_len=cl), *a, n=3, warm=1)
+    t = time.perf_counter()
+    gen.generate(batch, max_new_tokens=new, sampling=SamplingParams())
+    dec = (time.perf_counter() - t - pf) / (new - 1)
+    out.update(prompt=prompt, prefill_s=pf, prefill_tok_s=prompt / pf, decode_ms_per_token=dec * 1e3,
+               decode_tok_s=1 / dec, peak_device_bytes=peak_bytes())
+    record("thinker_48", **out)
+
+
 def table():
     lines = ["", "| section | figure |", "|---|---|"]
     for name, r in RESULTS.items():
@@ -295,6 +389,12 @@ def table():
                                  f"{v['decode_ms_per_token']:.2f} ms/token ({v['decode_ms_per_layer']:.3f} ms/layer) |")
             lines.append(f"| full width memory | params {r['param_bytes'] / 2**30:.2f} GiB, peak "
                          f"{(r['peak_device_bytes'] or 0) / 2**30:.2f} GiB |")
+        elif name == "speech_full":
+            lines.append(f"| speech | {r['ms_per_frame']:.1f} ms per 80 ms frame, first chunk "
+                         f"{r['first_chunk_s_group4'] * 1e3:.0f} ms, RTF {r['real_time_factor']:.1f}x |")
+        elif name == "thinker_48":
+            lines.append(f"| thinker 48 layers | prefill {r['prefill_tok_s']:.0f} tok/s, decode "
+                         f"{r['decode_tok_s']:.1f} tok/s, peak {(r['peak_device_bytes'] or 0) / 2**30:.1f} GiB |")
     print("\n".join(lines))
 
 
@@ -317,7 +417,9 @@ def main(argv=None):
                 ("thinker_parity", lambda: thinker_parity(args.quick, dev)),
                 ("moe_timing", lambda: moe_timing(args.quick)),
                 ("hf_medium", lambda: hf_medium(args.quick, dev)),
-                ("full_width", lambda: full_width(args.quick))]
+                ("full_width", lambda: full_width(args.quick)),
+                ("speech_full", lambda: speech_full(args.quick)),
+                ("thinker_48", lambda: thinker_48(args.quick))]
     for name, fn in sections:
         if name in skip:
             continue
@@ -330,9 +432,9 @@ def main(argv=None):
             traceback.print_exc()
             record(name, error=f"{type(e).__name__}: {e}")
         print(f"[{name}] {time.perf_counter() - t:.1f} s", flush=True)
-    with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
-        json.dump({"jax": jax.__version__, "torch": torch.__version__, "device": str(jax.devices()[0]),
-                   "results": RESULTS}, f, indent=1)
+        with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:  # after every section: a kill keeps them
+            json.dump({"jax": jax.__version__, "torch": torch.__version__, "device": str(jax.devices()[0]),
+                       "results": RESULTS}, f, indent=1)
     table()
     return 0
 
