@@ -58,15 +58,25 @@ def randomize(module: torch.nn.Module, seed: int):
                 p.copy_(scale * noise / np.sqrt(p.shape[-1]))
 
 
+_PAIRS: dict = {}
+
+
+def _pair(name: str):
+    """(config, transformers talker, ours, name) of one config, built once per session."""
+    if name not in _PAIRS:
+        cfg = CONFIGS[name]()
+        torch.manual_seed(0)
+        hf = M.Qwen3OmniMoeTalkerForConditionalGeneration(Qwen3OmniMoeTalkerConfig(**cfg.to_hf())).eval().float()
+        randomize(hf, seed=1 if name == "tiny" else 2)
+        ours = nnx.eval_shape(lambda: Talker(cfg, rngs=nnx.Rngs(0)))  # abstract: load_tensors fills every weight
+        load_tensors(ours, {f"talker.{k}": v.numpy() for k, v in hf.state_dict().items()}, root="talker")
+        _PAIRS[name] = (cfg, hf, ours, name)
+    return _PAIRS[name]
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request):
-    cfg = CONFIGS[request.param]()
-    torch.manual_seed(0)
-    hf = M.Qwen3OmniMoeTalkerForConditionalGeneration(Qwen3OmniMoeTalkerConfig(**cfg.to_hf())).eval().float()
-    randomize(hf, seed=1 if request.param == "tiny" else 2)
-    ours = nnx.eval_shape(lambda: Talker(cfg, rngs=nnx.Rngs(0)))  # abstract: load_tensors fills every weight
-    load_tensors(ours, {f"talker.{k}": v.numpy() for k, v in hf.state_dict().items()}, root="talker")
-    return cfg, hf, ours, request.param
+    return _pair(request.param)
 
 
 def _positions(rs, b, t):
@@ -161,10 +171,9 @@ def test_code_predictor_greedy_matches_generate(pair):
     np.testing.assert_allclose(np.asarray(got_sum), ref_sum.numpy(), rtol=1e-5, atol=1e-5 * ref_sum.abs().max())
 
 
-def test_code_predictor_sampling(pair):
-    cfg, _, ours, name = pair
-    if name != "tiny":
-        pytest.skip("sampling plumbing is config-independent; covered by the tiny config (saves compiles)")
+def test_code_predictor_sampling():
+    """Sampling plumbing is config-independent: the tiny config only (saves compiles)."""
+    cfg, _, ours, _ = _pair("tiny")
     rs = np.random.RandomState(5)
     h_last = jnp.asarray(rs.randn(4, cfg.text_config.hidden_size).astype(np.float32))
     c0e = ours.embed_codes(jnp.asarray(rs.randint(0, 2048, (4,))))
