@@ -192,6 +192,12 @@ def _add_train(sub):
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/ and export/ go here")
     p.add_argument("--init-from", default=None, help="start from an HF directory or omni_jax Orbax checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="train on a device mesh, e.g. 'data=2,expert=4' or 'fsdp=-1' (axes data, fsdp, expert, "
+                        "tensor; overrides config.mesh.spec; the batch is split over data x fsdp)")
+    p.add_argument("--rules", default=None, metavar="NAME",
+                   help="sharding rules preset for the mesh: default, fsdp, fsdp_ep, ep_tp (overrides "
+                        "config.mesh.rules)")
 
 
 def cmd_train(a) -> int:
@@ -204,7 +210,8 @@ def cmd_train(a) -> int:
     if bad:
         raise ConfigError(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.SECTION.KEY=VALUE)")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    out = train(a.config, a.workdir, a.overrides, init_from=a.init_from, progress=not a.no_progress)
+    out = train(a.config, a.workdir, a.overrides, init_from=a.init_from, progress=not a.no_progress,
+                mesh=a.mesh, rules=a.rules)
     print(json.dumps(out))
     return 0
 

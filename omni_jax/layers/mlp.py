@@ -52,7 +52,8 @@ class Experts(nnx.Module):
 class MoE(nnx.Module):
     """Sparse MoE block; with `shared_inner > 0` adds the talker's sigmoid-gated shared expert.
 
-    Returns (y, router_probs [N, E] fp32, top_i [N, K]) so training can form the load-balancing loss.
+    Returns (y, router_probs [N, E] fp32, top_i [N, K]) so training can form the load-balancing loss; with
+    `return_logits` also the raw router logits [N, E] (activation dtype) for the router z-loss.
     """
 
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, norm_topk_prob: bool,
@@ -67,11 +68,13 @@ class MoE(nnx.Module):
             self.shared_expert = None
             self.shared_expert_gate = None
 
-    def __call__(self, x, impl: str = "auto"):
+    def __call__(self, x, impl: str = "auto", return_logits: bool = False):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
-        _, probs, top_w, top_i = self.gate(xf, self.top_k, self.norm_topk_prob)
+        logits, probs, top_w, top_i = self.gate(xf, self.top_k, self.norm_topk_prob)
         y = self.experts(xf, top_i, top_w, impl)
         if self.shared_expert is not None:
             y = y + jax.nn.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(xf)
+        if return_logits:
+            return y.reshape(shape), probs, top_i, logits
         return y.reshape(shape), probs, top_i

@@ -44,10 +44,10 @@ class DecoderLayer(nnx.Module):
         a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
         x = x + a
         if self.is_moe:
-            m, probs, top_i = self.mlp(self.post_attention_layernorm(x), impl=moe_impl)
+            m, probs, top_i, logits = self.mlp(self.post_attention_layernorm(x), impl=moe_impl, return_logits=True)
         else:
-            m, probs, top_i = self.mlp(self.post_attention_layernorm(x)), None, None
-        return x + m, new_cache, (probs, top_i)
+            m, probs, top_i, logits = self.mlp(self.post_attention_layernorm(x)), None, None, None
+        return x + m, new_cache, (probs, top_i, logits)
 
 
 class TextModel(nnx.Module):
@@ -67,7 +67,9 @@ class TextModel(nnx.Module):
         cache: list of (k, v) per layer or None. deepstack: list of [B, T, H] tensors (zero outside visual
         positions) added to the outputs of the first len(deepstack) layers. collect_hidden: indices into the
         reference's `hidden_states` tuple (0 = embeddings, i = output of layer i-1 before DeepStack) to return.
-        Returns (final-normed hidden [B, T, H], new cache, {"hidden": {i: ...}, "router": [(probs, idx), ...]}).
+        Returns (final-normed hidden [B, T, H], new cache, stats): stats["hidden"] {i: ...}, stats["router"]
+        [(probs, idx), ...] and stats["router_logits"] [raw router logits [B*T, E], ...] per layer ((None, None)
+        and None for dense layers). The logits are a separate list so that (probs, idx) unpacking keeps working.
         """
         cfg = self.cfg
         with jax.named_scope("rope"):
@@ -76,19 +78,21 @@ class TextModel(nnx.Module):
         hidden = {}
         if 0 in collect_hidden:
             hidden[0] = x
-        new_cache, router = [], []
+        new_cache, router, router_logits = [], [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl)
                 x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
             new_cache.append(c)
-            router.append(r)
+            router.append(r[:2])
+            router_logits.append(r[2])
             if i + 1 in collect_hidden:
                 hidden[i + 1] = x
             if deepstack is not None and i < len(deepstack):
                 x = x + deepstack[i].astype(x.dtype)
         x = self.norm(x)
-        return x, (new_cache if cache is not None else None), {"hidden": hidden, "router": router}
+        stats = {"hidden": hidden, "router": router, "router_logits": router_logits}
+        return x, (new_cache if cache is not None else None), stats
 
 
 class Thinker(nnx.Module):

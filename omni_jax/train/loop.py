@@ -12,6 +12,12 @@ Resume: a run started on a workdir with checkpoints continues from the latest on
 state and RNG are restored, so the per-step losses equal those of an uninterrupted run bit for bit (on the same
 device kind). Metric rows past the restored step (written by a killed run after its last checkpoint) are
 dropped. SIGTERM (preemption) saves a checkpoint after the current step and exits cleanly.
+
+Mesh training (`config.mesh.spec`, e.g. "data=2,expert=4"; `omni-jax train --mesh SPEC --rules NAME`): the
+parameters are created (or loaded) directly at the shardings the rules table of omni_jax.sharding gives, the
+optimizer state mirrors them, each batch is split over the `data` x `fsdp` mesh axes on its leading dim, and the
+steps are compiled with those shardings and traced under `sharding.activate` (so MoE layers run expert-parallel
+over `expert`). Checkpoints restore onto the current shardings, so a run may resume on a different mesh.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from omni_jax import sharding as S
 from omni_jax.config import ConfigError, OmniConfig
 from omni_jax.errors import OmniJaxError
 from omni_jax.train import data as D
@@ -117,8 +126,16 @@ def _section(cfg, name: str, cls, ignore: tuple[str, ...] = ()):
 # ------------------------------------------------------------------------------------------------------- model
 
 
-def build_model(cfg, init_from: str | None):
-    """(OmniModel, OmniConfig, tokenizer directory or None)."""
+def _check_fits(mesh, mcfg: OmniConfig, parts):
+    texts = [("thinker", mcfg.thinker_config.text_config)]
+    if "talker" in parts and mcfg.enable_audio_output:
+        texts.append(("talker", mcfg.talker_config.text_config))
+    S.check_model_fits(mesh, texts)
+
+
+def build_model(cfg, init_from: str | None, mesh=None, rules=S.DEFAULT_RULES):
+    """(OmniModel, OmniConfig, tokenizer directory or None). With a mesh every parameter is created (or read)
+    directly at its sharding under `rules`; the whole model never sits on one device."""
     from omni_jax.models.omni import OmniModel
 
     parts = tuple(cfg.model.parts)
@@ -128,7 +145,9 @@ def build_model(cfg, init_from: str | None):
 
         if not os.path.isdir(init_from):
             raise TrainError(f"--init-from: model directory not found: {init_from}")
-        model, mcfg = load_model(init_from, dtype=cfg.model.dtype, parts=parts)
+        model, mcfg = load_model(init_from, dtype=cfg.model.dtype, parts=parts, mesh=mesh, rules=rules)
+        if mesh is not None:
+            _check_fits(mesh, mcfg, parts)
         return model, mcfg, init_from
     if cfg.model.preset == "toy":
         from omni_jax.train.toy import toy_model_config
@@ -140,8 +159,13 @@ def build_model(cfg, init_from: str | None):
         mcfg = preset(cfg.model.preset)
     if "talker" not in parts and mcfg.enable_audio_output:
         mcfg = dataclasses.replace(mcfg, enable_audio_output=False)
-    model = OmniModel(mcfg, dtype=jnp.dtype(cfg.model.dtype), rngs=nnx.Rngs(cfg.model.seed), parts=parts)
-    return model, mcfg, None
+    def factory():
+        return OmniModel(mcfg, dtype=jnp.dtype(cfg.model.dtype), rngs=nnx.Rngs(cfg.model.seed), parts=parts)
+
+    if mesh is None:
+        return factory(), mcfg, None
+    _check_fits(mesh, mcfg, parts)
+    return S.create_sharded(factory, mesh, rules), mcfg, None
 
 
 def _write_tokenizer(out: str, mcfg: OmniConfig) -> str:
@@ -175,6 +199,19 @@ def active_params(params, mcfg: OmniConfig) -> float:
 # ------------------------------------------------------------------------------------------------------ trainer
 
 
+def talker_task(cfg):
+    """config.train.task: "thinker" (default) -> None; "talker" -> omni_jax.train.talker.TalkerTask (its loss,
+    data with codec targets, eval and log rows replace the thinker's)."""
+    task = cfg.train.get("task", "thinker")
+    if task == "thinker":
+        return None
+    if task != "talker":
+        raise ConfigError(f"unknown train.task {task!r}; choose thinker or talker")
+    from omni_jax.train.talker import TalkerTask
+
+    return TalkerTask.from_config(cfg)
+
+
 def check_workdir(workdir: str):
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -186,10 +223,72 @@ def check_workdir(workdir: str):
         raise TrainError(f"workdir {workdir} is not writable ({e.strerror or e})") from e
 
 
-def _to_device(batch: dict) -> dict:
+def _to_device(batch: dict, shardings: dict | None = None) -> dict:
+    """A host batch -> device arrays ([B, 3, T] positions -> [3, B, T]). With `shardings` (a NamedSharding per
+    key) each process supplies its own rows and gets global arrays split over the mesh."""
     b = dict(batch)
     b["positions"] = np.ascontiguousarray(np.moveaxis(b["positions"], 1, 0))  # [B, 3, T] -> [3, B, T]
-    return jax.tree.map(jnp.asarray, b)
+    if shardings is None:
+        return jax.tree.map(jnp.asarray, b)
+    if set(b) != set(shardings):
+        raise TrainError(f"batch keys {sorted(b)} differ from the compiled ones {sorted(shardings)}")
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in b.items()}
+
+
+# ------------------------------------------------------------------------------------------------- mesh
+
+
+BATCH_MESH_AXES = ("data", "fsdp")  # the leading (example) dim of every batch array is split over these
+
+
+def mesh_config(cfg) -> tuple[str, str]:
+    """(mesh spec, rules preset) from config.mesh; configs without that section train on one device."""
+    m = cfg.get("mesh") if hasattr(cfg, "get") else None
+    if not m:
+        return "", "default"
+    return str(m.get("spec", "") or ""), str(m.get("rules", "default") or "default")
+
+
+def batch_keys(c: D.DataConfig) -> tuple[str, ...]:
+    """The arrays of a training batch for this data config (see train/data.py)."""
+    keys = ["input_ids", "positions", "valid", "loss_mask"]
+    if c.audio_slots:
+        keys += ["audio_features", "audio_frames", "audio_valid"]
+    if c.image_slots:
+        keys += ["image_pixels", "image_valid"]
+    return tuple(keys)
+
+
+def batch_shardings(mesh, c: D.DataConfig) -> dict:
+    """NamedSharding per batch key: the example dim over the data and fsdp axes (dim 1 of [3, B, T] positions)."""
+    axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape[a] > 1)
+    lead = None if not axes else axes[0] if len(axes) == 1 else axes
+    return {k: NamedSharding(mesh, P(None, lead) if k == "positions" else P(lead)) for k in batch_keys(c)}
+
+
+def opt_state_shardings(tx, params, param_shardings, mesh):
+    """Shardings for `tx.init(params)`: a leaf whose tree path ends with a parameter's path (Adam's mu / nu,
+    MultiSteps' accumulated gradients, ...) and has its shape takes that parameter's sharding; the rest
+    (step counters) is replicated."""
+
+    def key(path):
+        return tuple(str(k) for k in path)
+
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings),
+                                strict=True):
+        by_path[key(path)] = (leaf.shape, sh)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        k = key(path)
+        for n in range(len(k), 0, -1):
+            hit = by_path.get(k[-n:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
 
 
 class MetricsLog:
@@ -216,7 +315,8 @@ class MetricsLog:
 
 
 class Trainer:
-    """One training run. `mesh`: the hook for issue 6 (multi-device); None trains on one device."""
+    """One training run. `mesh`: a jax Mesh or a spec string ("data=2,expert=4"); None takes config.mesh.spec,
+    and an empty spec trains on one device. The sharding rules preset is config.mesh.rules."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None, mesh=None,
                  progress: bool = True):
@@ -225,13 +325,26 @@ class Trainer:
         self.optim_cfg = _section(cfg, "optim", TS.OptimConfig)
         self.loss_cfg = _section(cfg, "loss", TS.LossConfig)
         self.tc = cfg.train
-        if mesh is not None:
-            # Hook for issue 6: build shardings for params / frozen / opt_state / batch from omni_jax.sharding
-            # rules, device_put the state, pass them to TS.make_steps(shardings=...) and run under the mesh.
-            raise NotImplementedError("mesh training is not wired yet (needs omni_jax.sharding from issue 6)")
+        self.talker = talker_task(cfg)  # train.task="talker": omni_jax.train.talker hooks (None: thinker)
+        spec, rules = mesh_config(cfg)
+        self.rules = S.get_rules(rules)
+        mesh = mesh if mesh is not None else spec or None
+        self.mesh = S.make_mesh(mesh) if isinstance(mesh, str) else mesh
+        self.global_batch = self.data_cfg.batch_size * jax.process_count()
+        if self.mesh is not None:
+            split = int(np.prod([self.mesh.shape[a] for a in BATCH_MESH_AXES]))
+            if self.global_batch % split:
+                raise TrainError(f"the global batch of {self.global_batch} examples (data.batch_size="
+                                 f"{self.data_cfg.batch_size} x {jax.process_count()} processes) does not divide "
+                                 f"over the mesh's batch axes data x fsdp = {split}; choose a batch size that is a "
+                                 f"multiple of {split}")
+        if self.talker is not None and self.mesh is not None:
+            raise TrainError("talker training runs on one device for now: drop config.mesh.spec / --mesh")
         check_workdir(self.workdir)
         self.train_file, self.eval_file = self._data_files()
-        self.model, self.mcfg, tok_dir = build_model(cfg, init_from)
+        self.model, self.mcfg, tok_dir = build_model(cfg, init_from, self.mesh, self.rules)
+        if self.talker is not None:
+            self.talker.check_model(self.model)
         self.tok_dir = tok_dir or _write_tokenizer(os.path.join(self.workdir, "tokenizer"), self.mcfg)
         from omni_jax.processing.tokenizer import Tokenizer
 
@@ -240,12 +353,40 @@ class Trainer:
         self.graphdef, params, frozen = TS.split_trainable(self.model, self.patterns)
         self.tx = TS.make_optimizer(self.optim_cfg)
         self.schedule = TS.lr_schedule(self.optim_cfg)
-        self.state = {"params": params, "frozen": frozen, "opt_state": self.tx.init(params),
-                      "rng": jax.random.key_data(jax.random.key(self.tc.seed)), "step": jnp.int32(0)}
-        self.train_step, self.eval_step = TS.make_steps(self.graphdef, self.tx, self.loss_cfg,
-                                                        image_grid=D.batch_image_grid(self.data_cfg))
+        image_grid = D.batch_image_grid(dataclasses.replace(self.data_cfg, batch_size=self.global_batch))
+        rng, step0 = jax.random.key_data(jax.random.key(self.tc.seed)), jnp.int32(0)
+        if self.mesh is None:
+            self.shardings = None
+            self.state = {"params": params, "frozen": frozen, "opt_state": self.tx.init(params),
+                          "rng": rng, "step": step0}
+        else:
+            self.shardings = self._state_shardings(params, frozen)
+            sh = self.shardings
+            params, frozen = jax.device_put(params, sh["params"]), jax.device_put(frozen, sh["frozen"])
+            self.state = {"params": params, "frozen": frozen,
+                          "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
+                          "rng": self._replicated(rng), "step": self._replicated(step0)}
+        self.train_step, self.eval_step = TS.make_steps(self.graphdef, self.tx, self.loss_cfg, image_grid=image_grid,
+                                                        shardings=self.shardings, mesh=self.mesh, rules=self.rules,
+                                                        loss=None if self.talker is None else self.talker.loss(
+                                                            image_grid=image_grid, moe_impl=self.loss_cfg.moe_impl))
         self.flops_per_token = 6.0 * active_params(params, self.mcfg)
+        # peak_flops is per device: MFU divides this host's throughput by its devices' peak
+        self.num_devices = 1 if self.mesh is None else len(self.mesh.local_devices)
         self._stop = False
+
+    def _state_shardings(self, params, frozen) -> dict:
+        mesh = self.mesh
+        param_sh = S.named_shardings(params, mesh, self.rules)
+        return {"params": param_sh, "frozen": S.named_shardings(frozen, mesh, self.rules),
+                "opt_state": opt_state_shardings(self.tx, params, param_sh, mesh),
+                "batch": batch_shardings(mesh, self.data_cfg)}
+
+    def _replicated(self, x):
+        return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, P()))
+
+    def _batch(self, batch: dict) -> dict:
+        return _to_device(batch, None if self.shardings is None else self.shardings["batch"])
 
     def _data_files(self):
         d = self.cfg.data
@@ -254,7 +395,8 @@ class Trainer:
 
             tasks = tuple(t for t in self.cfg.toy.tasks.split(",") if t)
             return write_toy_dataset(os.path.join(self.workdir, "toy_data"), self.cfg.toy.n_train,
-                                     self.cfg.toy.n_eval, self.cfg.toy.seed, tasks)
+                                     self.cfg.toy.n_eval, self.cfg.toy.seed, tasks,
+                                     **({} if self.talker is None else self.talker.toy_options()))
         if not d.train_file:
             raise TrainError("config.data.train_file is empty (and config.toy.enabled is false)")
         for f in (d.train_file, d.eval_file):
@@ -277,6 +419,8 @@ class Trainer:
         step = mngr.latest_step()
         if step is None:
             return 0
+        # Shapes, dtypes and shardings of the current (already placed) state: under a mesh every array is read
+        # straight onto its shards, whatever mesh wrote the checkpoint.
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
         got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                          data=ocp.args.JsonRestore()))
@@ -290,10 +434,14 @@ class Trainer:
     def evaluate(self) -> dict:
         if not self.eval_file:
             return {}
+        if self.talker is not None:
+            return self.talker.evaluate(
+                lambda b: jax.device_get(self.eval_step(self.state["params"], self.state["frozen"], self._batch(b))),
+                self.eval_file, self.tokenizer, self.mcfg, self.data_cfg, self.tc.eval_max_examples or None)
         tot_loss = tot_tok = em = n = 0.0
         for batch in D.eval_batches(self.eval_file, self.tokenizer, self.mcfg, self.data_cfg,
                                     self.tc.eval_max_examples or None):
-            m = jax.device_get(self.eval_step(self.state["params"], self.state["frozen"], _to_device(batch)))
+            m = jax.device_get(self.eval_step(self.state["params"], self.state["frozen"], self._batch(batch)))
             tot_loss += float(m["ce_loss"]) * float(m["target_tokens"])
             tot_tok += float(m["target_tokens"])
             em += float(m["exact_match_count"])
@@ -307,7 +455,8 @@ class Trainer:
 
     def run(self) -> dict:
         tc = self.tc
-        data_it = D.TrainIterator(self.train_file, self.tokenizer, self.mcfg, self.data_cfg)
+        data_it = (D.TrainIterator if self.talker is None else self.talker.train_iterator)(
+            self.train_file, self.tokenizer, self.mcfg, self.data_cfg)
         mngr = self._manager()
         start = self._restore(mngr, data_it)
         metrics = MetricsLog(self.workdir, start)
@@ -320,20 +469,23 @@ class Trainer:
         t0, t_start, tokens, step, last = time.time(), time.time(), 0, start, {}
         try:
             for step in range(start + 1, tc.steps + 1):
-                batch = _to_device(next(data_it))
-                tokens += int(np.asarray(batch["valid"]).sum())
+                host_batch = next(data_it)
+                tokens += int(host_batch["valid"].sum())  # this process's tokens (tokens_per_s is per host)
                 p, o, m = self.train_step(self.state["params"], self.state["frozen"], self.state["opt_state"],
-                                          batch)
-                self.state.update(params=p, opt_state=o, step=jnp.int32(step))
+                                          self._batch(host_batch))
+                self.state.update(params=p, opt_state=o, step=self._replicated(jnp.int32(step)))
                 if step % tc.log_every == 0 or step == tc.steps:
                     m = jax.device_get(m)
                     dt = max(time.time() - t0, 1e-9)
                     row = {"step": step, "loss": float(m["loss"]), "ce_loss": float(m["ce_loss"]),
-                           "aux_loss": float(m["aux_loss"]), "grad_norm": float(m["grad_norm"]),
+                           "aux_loss": float(m["aux_loss"]), "z_loss": float(m["z_loss"]),
+                           "grad_norm": float(m["grad_norm"]),
                            "learning_rate": float(self.schedule((step - 1) // self.optim_cfg.grad_accum)),
                            "tokens_per_s": tokens / dt, "bad_records": data_it.filter.bad}
                     if tc.peak_flops > 0:
-                        row["mfu"] = self.flops_per_token * tokens / dt / tc.peak_flops
+                        row["mfu"] = self.flops_per_token * tokens / dt / (tc.peak_flops * self.num_devices)
+                    if self.talker is not None:
+                        row.update(self.talker.log_row(m))
                     metrics.write(row)
                     last = row
                     t0, tokens = time.time(), 0
@@ -381,6 +533,13 @@ class Trainer:
 
 
 def train(config: str, workdir: str, overrides: list[str] = (), *, init_from: str | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, mesh: str | None = None, rules: str | None = None) -> dict:
+    """Load a config file, apply overrides, run. `mesh` / `rules` (the CLI's --mesh / --rules) override
+    config.mesh.spec / config.mesh.rules (a config without a mesh section gets one)."""
     cfg = apply_overrides(load_config_file(config), list(overrides))
+    if mesh is not None or rules is not None:
+        spec, preset = mesh_config(cfg)
+        with cfg.unlocked():
+            cfg.mesh = ml_collections.ConfigDict({"spec": spec if mesh is None else mesh,
+                                                  "rules": preset if rules is None else rules})
     return Trainer(cfg, workdir, init_from=init_from, progress=progress).run()

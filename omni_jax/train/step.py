@@ -1,4 +1,5 @@
-"""The train step: thinker loss on assistant tokens, the MoE load-balancing loss, freezing, the optimizer.
+"""The train step: thinker loss on assistant tokens, the MoE load-balancing and router z-losses, freezing, the
+optimizer.
 
 A batch (numpy or jax arrays, one static shape per config):
   input_ids int32 [B, T], positions float32 [3, B, T] (TM-RoPE), valid bool [B, T] (not padding),
@@ -8,8 +9,8 @@ A batch (numpy or jax arrays, one static shape per config):
   hold dummies that no placeholder reads), with the image grid as a static argument.
 
 The step is functional: `params` (an nnx.State of the trainable variables' values) and the optax state go in
-and out, so that Orbax saves and restores them as plain pytrees and the mesh shardings (issue 6) can be given
-to `jax.jit` as in/out shardings.
+and out, so that Orbax saves and restores them as plain pytrees and the mesh shardings (omni_jax.sharding) can be
+given to `jax.jit` as in/out shardings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from omni_jax import sharding
 from omni_jax.errors import OmniJaxError
 
 # Freeze presets for the paper's training stages (regexes over dotted parameter paths of an OmniModel, e.g.
@@ -139,6 +141,24 @@ def load_balancing_loss(router, token_mask, num_experts: int):
     return jnp.sum((counts / rows) * (prob_sum / rows)) * num_experts
 
 
+def router_z_loss(router_logits, token_mask):
+    """ST-MoE router z-loss: mean over real tokens and MoE layers of logsumexp(router logits)^2, in float32.
+
+    router_logits: per decoder layer raw logits [N, E] or None for dense layers; token_mask: [N] (1 for real
+    tokens). It pulls the router logits towards small magnitudes (numerical stability of the router softmax,
+    most of all in bf16). Returns a float32 scalar (0 without MoE layers).
+    """
+    m = token_mask.reshape(-1).astype(jnp.float32)
+    layers = [z for z in router_logits if z is not None]
+    if not layers:
+        return jnp.float32(0)
+    total = jnp.float32(0)
+    for z in layers:
+        lse = jax.nn.logsumexp(z.astype(jnp.float32), axis=-1)  # [N]
+        total = total + jnp.sum(jnp.square(lse) * m)
+    return total / (jnp.maximum(m.sum(), 1.0) * len(layers))
+
+
 def masked_cross_entropy(logits, targets, mask):
     """Mean next-token cross-entropy (float32) over mask: logits [B, T, V] predict targets [B, T]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # fp32 like transformers' loss
@@ -154,6 +174,12 @@ def _real_first(valid):
 
 def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto"):
     """Forward the thinker of an OmniModel over a training batch: (logits [B, T, V], router stats)."""
+    logits, stats = thinker_forward(model, batch, image_grid=image_grid, moe_impl=moe_impl)
+    return logits, stats["router"]
+
+
+def thinker_forward(model, batch: dict, *, image_grid=None, moe_impl: str = "auto"):
+    """As `thinker_logits`, but with the decoder's whole stats dict (router probs / indices and raw logits)."""
     th = model.thinker
     ids = batch["input_ids"]
     audio = image = None
@@ -170,12 +196,13 @@ def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto
     t = ids.shape[1]
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     hidden, _, stats = th.model(embeds, batch["positions"], mask, deepstack=deepstack, moe_impl=moe_impl)
-    return th.logits(hidden), stats["router"]
+    return th.logits(hidden), stats
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     aux_loss_coef: float | None = None  # None: the text config's router_aux_loss_coef
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0: reported as a metric, not trained on)
     compute_dtype: str = "float32"  # "bfloat16": parameters are cast for the forward (fp32 master weights)
     remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint of the forward with that policy)
     moe_impl: str = "auto"
@@ -187,19 +214,24 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
 
 def thinker_loss(model, batch: dict, c: LossConfig, *, image_grid=None):
     """Total loss = CE(assistant tokens) + coef * load-balancing loss (transformers' thinker with labels and
-    output_router_logits). Returns (total, metrics dict)."""
+    output_router_logits) + router_z_loss_coef * router z-loss (over real tokens). Returns (total, metrics)."""
     tcfg = model.thinker.cfg.text_config
-    logits, router = thinker_logits(model, batch, image_grid=image_grid, moe_impl=c.moe_impl)
+    logits, stats = thinker_forward(model, batch, image_grid=image_grid, moe_impl=c.moe_impl)
+    router = stats["router"]
     ce, n_tok = masked_cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
     coef = tcfg.router_aux_loss_coef if c.aux_loss_coef is None else c.aux_loss_coef
     aux = load_balancing_loss(router, batch["valid"], tcfg.num_experts) if tcfg.num_experts else jnp.float32(0)
+    z = router_z_loss(stats["router_logits"], batch["valid"])
     preds = jnp.argmax(logits[:, :-1], -1)
     tgt_mask = batch["loss_mask"][:, 1:]
     row_ok = jnp.all((preds == batch["input_ids"][:, 1:]) | ~tgt_mask, axis=-1)
     has_tgt = jnp.any(tgt_mask, axis=-1)
-    metrics = {"ce_loss": ce, "aux_loss": aux, "target_tokens": n_tok,
+    metrics = {"ce_loss": ce, "aux_loss": aux, "z_loss": z, "target_tokens": n_tok,
                "exact_match_count": jnp.sum(row_ok & has_tgt), "examples": jnp.sum(has_tgt)}
-    return ce + coef * aux, metrics
+    total = ce + coef * aux
+    if c.router_z_loss_coef:  # a Python branch: coef 0 leaves the loss (and its graph) exactly as before
+        total = total + c.router_z_loss_coef * z
+    return total, metrics
 
 
 def _cast_floats(tree, dtype):
@@ -207,12 +239,16 @@ def _cast_floats(tree, dtype):
 
 
 def make_steps(graphdef, tx: optax.GradientTransformation, c: LossConfig, *, image_grid=None,
-               shardings=None):
+               shardings=None, mesh=None, rules=None, loss=None):
     """Jit-compiled train_step(params, frozen, opt_state, batch) -> (params, opt_state, metrics) and
     eval_step(params, frozen, batch) -> metrics, with graphdef / params / frozen from `split_trainable`.
 
-    shardings: the hook for issue 6 (mesh training): a dict {"params", "frozen", "opt_state", "batch"} of
-    shardings for jax.jit; None compiles for one device.
+    loss: None (the thinker loss) or loss(model, batch) -> (total, metrics) for another task (e.g.
+    omni_jax.train.talker.TalkerTask.loss).
+
+    shardings: a dict {"params", "frozen", "opt_state", "batch"} of shardings (trees matching those arguments)
+    for jax.jit's in/out shardings; None compiles for one device. mesh / rules: every call (hence the trace)
+    runs under `sharding.activate(mesh, rules)`, which pins activations and turns on expert-parallel MoE.
     """
     compute = jnp.dtype(c.compute_dtype)
 
@@ -220,6 +256,8 @@ def make_steps(graphdef, tx: optax.GradientTransformation, c: LossConfig, *, ima
         if compute != jnp.float32:  # bf16 compute, fp32 master weights (the optimizer updates `params`)
             params, frozen = _cast_floats(params, compute), _cast_floats(frozen, compute)
         model = nnx.merge(graphdef, params, frozen)
+        if loss is not None:
+            return loss(model, batch)
         return thinker_loss(model, batch, c, image_grid=image_grid)
 
     if c.remat != "none":
@@ -240,8 +278,20 @@ def make_steps(graphdef, tx: optax.GradientTransformation, c: LossConfig, *, ima
         return dict(metrics, loss=loss)
 
     if shardings is None:
-        return jax.jit(train_step, donate_argnums=(0, 2)), jax.jit(eval_step)
-    s = shardings
-    return (jax.jit(train_step, in_shardings=(s["params"], s["frozen"], s["opt_state"], s["batch"]),
-                    out_shardings=(s["params"], s["opt_state"], None), donate_argnums=(0, 2)),
-            jax.jit(eval_step, in_shardings=(s["params"], s["frozen"], s["batch"])))
+        train_jit, eval_jit = jax.jit(train_step, donate_argnums=(0, 2)), jax.jit(eval_step)
+    else:
+        s = shardings
+        train_jit = jax.jit(train_step, in_shardings=(s["params"], s["frozen"], s["opt_state"], s["batch"]),
+                            out_shardings=(s["params"], s["opt_state"], None), donate_argnums=(0, 2))
+        eval_jit = jax.jit(eval_step, in_shardings=(s["params"], s["frozen"], s["batch"]))
+    if mesh is None:
+        return train_jit, eval_jit
+    return _under_mesh(train_jit, mesh, rules), _under_mesh(eval_jit, mesh, rules)
+
+
+def _under_mesh(fn, mesh, rules):
+    def call(*args):
+        with sharding.activate(mesh, rules if rules is not None else sharding.DEFAULT_RULES):
+            return fn(*args)
+
+    return call

@@ -5,6 +5,8 @@
 - image: a 64x64 picture of one coloured shape (red/green/blue circle/square/triangle) at a random place and
   size on a light background; "What shape is this?" -> e.g. "red circle".
 - text: "What is 3 plus 4?" -> "7" (single digits).
+- speak: "Read aloud: red circle" -> "red circle" (1-3 words of the other tasks' answers); with `codec=...`
+  every record also gets synthetic codec targets for its spoken answer (talker training, `codec_frames`).
 
 `write_toy_dataset(out_dir, ...)` writes `train.jsonl` / `eval.jsonl` in the ChatML record format of
 `train.data` with the media files beside them, deterministically from a seed (eval uses another seed, so its
@@ -27,6 +29,8 @@ COLOURS = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 70, 230)}
 SHAPES = ("circle", "square", "triangle")
 IMAGE_SIZE = 64
 TASKS = ("audio", "image", "text")
+ALL_TASKS = (*TASKS, "speak")
+SPEAK_WORDS = (*PITCHES, *COLOURS, *SHAPES, "one", "two", "three", "four")
 AUDIO_QUESTION = "How many tones, and what pitch?"
 IMAGE_QUESTION = "What shape is this?"
 
@@ -89,37 +93,78 @@ def make_record(rng: np.random.Generator, kind: str, media_dir: str, name: str) 
         a, b = (int(v) for v in rng.integers(0, 10, 2))
         user = f"What is {a} plus {b}?"
         answer = str(a + b)
+    elif kind == "speak":
+        answer = " ".join(str(w) for w in rng.choice(SPEAK_WORDS, int(rng.integers(1, 4))))
+        user = f"Read aloud: {answer}"
     else:
-        raise ValueError(f"unknown toy task {kind!r}; choose from {TASKS}")
+        raise ValueError(f"unknown toy task {kind!r}; choose from {ALL_TASKS}")
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
 
 
-def write_split(out_dir: str, split: str, n: int, seed: int, tasks=TASKS) -> str:
+def codec_frames(token_ids, num_code_groups: int = 4, frames_per_token: int = 2, codebook_size: int = 2048,
+                 seed: int = 0) -> np.ndarray:
+    """Synthetic codec targets of a spoken answer: int32 [len(token_ids) * frames_per_token, num_code_groups].
+
+    Token t's k-th frame has code perm_q[(t * frames_per_token + k) % codebook_size] in codebook q, with one
+    fixed random permutation per codebook (from `seed`): a deterministic, learnable target in which codebook 0
+    identifies (token, k) whenever vocab * frames_per_token <= codebook_size (the tiny vocab: 512 * 2 <= 2048),
+    so the residual codebooks follow from codebook 0. Codes stay below codebook_size (2048: the code
+    predictor's vocabulary, and below the talker's special codec ids).
+    """
+    if num_code_groups < 1 or frames_per_token < 1 or codebook_size < 1:
+        raise ValueError("codec_frames needs num_code_groups, frames_per_token and codebook_size >= 1")
+    rng = np.random.default_rng(seed)
+    perms = np.stack([rng.permutation(codebook_size) for _ in range(num_code_groups)], axis=1)  # [V, Q]
+    ids = np.asarray(token_ids, np.int64).reshape(-1)
+    slots = (ids[:, None] * frames_per_token + np.arange(frames_per_token)[None]).reshape(-1) % codebook_size
+    return perms[slots].astype(np.int32)
+
+
+def _tiny_tokenizer(out_dir: str):
+    from omni_jax.processing.tiny_tokenizer import write_tiny_tokenizer
+    from omni_jax.processing.tokenizer import Tokenizer
+
+    path = os.path.join(out_dir, "tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        write_tiny_tokenizer(path)
+    return Tokenizer.from_dir(path)
+
+
+def write_split(out_dir: str, split: str, n: int, seed: int, tasks=TASKS, codec: dict | None = None) -> str:
+    """codec: keyword arguments of `codec_frames`; each record then gets "codec_codes" for its answer's tokens
+    under the tiny tokenizer (the toy model's)."""
     media = os.path.join(out_dir, f"{split}_media")
     os.makedirs(media, exist_ok=True)
     rng = np.random.default_rng(seed)
+    tok = _tiny_tokenizer(out_dir) if codec is not None else None
     path = os.path.join(out_dir, f"{split}.jsonl")
     with open(path + ".tmp", "w") as f:
         for i in range(n):
             kind = tasks[i % len(tasks)]
-            f.write(json.dumps(make_record(rng, kind, media, f"{i:06d}")) + "\n")
+            rec = make_record(rng, kind, media, f"{i:06d}")
+            if tok is not None:
+                rec["codec_codes"] = codec_frames(tok.encode(rec["messages"][-1]["content"]), **codec).tolist()
+            f.write(json.dumps(rec) + "\n")
     os.replace(path + ".tmp", path)
     return path
 
 
 def write_toy_dataset(out_dir: str, n_train: int = 3000, n_eval: int = 150, seed: int = 0,
-                      tasks=TASKS) -> tuple[str, str]:
-    """(train.jsonl, eval.jsonl) paths; reuses existing files written with the same settings."""
+                      tasks=TASKS, codec: dict | None = None) -> tuple[str, str]:
+    """(train.jsonl, eval.jsonl) paths; reuses existing files written with the same settings. codec: see
+    `write_split` (codec targets for talker training)."""
     os.makedirs(out_dir, exist_ok=True)
     stamp = os.path.join(out_dir, "toy.json")
     want = {"n_train": n_train, "n_eval": n_eval, "seed": seed, "tasks": list(tasks)}
+    if codec is not None:
+        want["codec"] = dict(codec)
     train, evals = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
     if os.path.exists(stamp) and os.path.exists(train) and os.path.exists(evals):
         with open(stamp) as f:
             if json.load(f) == want:
                 return train, evals
-    train = write_split(out_dir, "train", n_train, seed, tasks)
-    evals = write_split(out_dir, "eval", n_eval, seed + 1_000_003, tasks)
+    train = write_split(out_dir, "train", n_train, seed, tasks, codec)
+    evals = write_split(out_dir, "eval", n_eval, seed + 1_000_003, tasks, codec)
     with open(stamp, "w") as f:
         json.dump(want, f)
     return train, evals
