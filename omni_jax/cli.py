@@ -213,6 +213,9 @@ def cmd_train(a) -> int:
     out = train(a.config, a.workdir, a.overrides, init_from=a.init_from, progress=not a.no_progress,
                 mesh=a.mesh, rules=a.rules)
     print(json.dumps(out))
+    if "example_question" in out:
+        print(f"try: omni-jax generate --model {out['export']} --messages {out['example_question']} --greedy "
+              f"(expected answer: {out['example_answer']!r})", file=sys.stderr)
     return 0
 
 

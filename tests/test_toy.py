@@ -43,12 +43,13 @@ def test_toy_quick_run_and_generate(tmp_path, capsys):
     assert ev and 0.0 <= ev[-1]["eval_exact_match"] <= 1.0 and "eval_loss" in ev[-1]
     assert all(np.isfinite(r["loss"]) and r["aux_loss"] > 0 for r in rows if "loss" in r)
     assert os.listdir(os.path.join(wd, "tensorboard"))
-    msgs = tmp_path / "q.json"
-    os.makedirs(tmp_path / "media")
-    rec = toy.make_record(np.random.default_rng(1), "image", str(tmp_path / "media"), "q")
-    msgs.write_text(json.dumps(rec["messages"][:1]))
-    capsys.readouterr()
-    assert main(["generate", "--model", os.path.join(wd, "export"), "--messages", str(msgs), "--greedy",
+    # The run ends by writing a new generated question (the README's main job answers it) and a hint.
+    err = capsys.readouterr().err
+    msgs = os.path.join(wd, "question.json")
+    answer = open(os.path.join(wd, "question_answer.txt")).read().strip()
+    assert f"--messages {msgs}" in err and repr(answer) in err
+    assert json.load(open(msgs))[0]["content"][0]["type"] == "audio"
+    assert main(["generate", "--model", os.path.join(wd, "export"), "--messages", msgs, "--greedy",
                  "--max-new-tokens", "4", "--json"]) == 0
     assert "text" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 

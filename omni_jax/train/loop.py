@@ -512,9 +512,15 @@ class Trainer:
             final = self.evaluate()
             if final:
                 metrics.write({"step": step, **final})
+            done = {"status": "done", "step": step, "wall_s": time.time() - t_start, **last, **final}
             if tc.export:
-                self.export(os.path.join(self.workdir, "export"))
-            return {"status": "done", "step": step, "wall_s": time.time() - t_start, **last, **final}
+                done["export"] = self.export(os.path.join(self.workdir, "export"))
+                if self.cfg.toy.enabled and self.talker is None:
+                    from omni_jax.train.toy import write_example_question
+
+                    q, answer = write_example_question(self.workdir, kind=self.cfg.toy.tasks.split(",")[0])
+                    done.update(example_question=q, example_answer=answer)
+            return done
         finally:
             signal.signal(signal.SIGTERM, old_handler)
             if bar is not None:

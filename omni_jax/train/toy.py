@@ -149,6 +149,21 @@ def write_split(out_dir: str, split: str, n: int, seed: int, tasks=TASKS, codec:
     return path
 
 
+def write_example_question(out_dir: str, kind: str = "audio", seed: int = 2_000_017) -> tuple[str, str]:
+    """A new generated question for `omni-jax generate` (a seed the train/eval splits never use): writes
+    out_dir/question.json (the user turn; media beside it) and returns (messages path, expected answer)."""
+    media = os.path.join(out_dir, "question_media")
+    os.makedirs(media, exist_ok=True)
+    rec = make_record(np.random.default_rng(seed), kind, media, "q")
+    path = os.path.join(out_dir, "question.json")
+    with open(path, "w") as f:
+        json.dump(rec["messages"][:1], f, indent=1)
+    answer = rec["messages"][1]["content"]
+    with open(os.path.join(out_dir, "question_answer.txt"), "w") as f:
+        f.write(answer + "\n")
+    return path, answer
+
+
 def write_toy_dataset(out_dir: str, n_train: int = 3000, n_eval: int = 150, seed: int = 0,
                       tasks=TASKS, codec: dict | None = None) -> tuple[str, str]:
     """(train.jsonl, eval.jsonl) paths; reuses existing files written with the same settings. codec: see
