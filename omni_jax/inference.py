@@ -86,8 +86,9 @@ def check_speech_available(model_dir: str) -> None:
 
 class OmniSession:
     """speech=True loads the talker and code2wav as well (only then can `speak` / `stream_speech` run).
-    mesh: a mesh spec string ("data=2,expert=4", see omni_jax.sharding.make_mesh) or a Mesh: the thinker is
-    loaded at its shardings (`rules`: a preset name of omni_jax.sharding.RULE_PRESETS) and runs on that mesh."""
+    mesh: a mesh spec string ("data=2,expert=4", see omni_jax.sharding.make_mesh) or a Mesh: every loaded part
+    (thinker, and with speech the talker and code2wav) is loaded at its shardings (`rules`: a preset name of
+    omni_jax.sharding.RULE_PRESETS) and runs on that mesh."""
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", parts=("thinker",), speech: bool = False,
                  mesh=None, rules: str = "default"):
@@ -95,9 +96,6 @@ class OmniSession:
         if mesh is not None:
             from omni_jax import sharding
 
-            if speech:
-                raise sharding.MeshError("--mesh with speech output is not supported yet (the talker and code2wav "
-                                         "run on one device); drop --mesh or --speak")
             mesh = sharding.make_mesh(mesh) if isinstance(mesh, str) else mesh
         self.mesh = mesh
         if speech:
@@ -107,8 +105,8 @@ class OmniSession:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.defaults = GenerationDefaults.from_dir(model_dir)
         self.generator = ThinkerGenerator(self.model.thinker, mesh=mesh, rules=rules)
-        self.speech = (SpeechGenerator(self.cfg, self.model.thinker, self.model.talker, self.model.code2wav)
-                       if speech else None)
+        self.speech = (SpeechGenerator(self.cfg, self.model.thinker, self.model.talker, self.model.code2wav,
+                                       mesh=mesh, rules=rules) if speech else None)
 
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.cfg.im_end_token_id, *self.defaults.eos_token_ids)))

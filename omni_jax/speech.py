@@ -27,6 +27,7 @@ request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from omni_jax import sharding as S
 from omni_jax.config import OmniConfig
 from omni_jax.errors import OmniJaxError
 from omni_jax.generate import bucket
@@ -192,18 +194,26 @@ class SpeechGenerator:
     """Holds the compiled talker / code2wav functions of one model; reuse it across requests.
 
     thinker: used only for the input embeddings of tts_bos / tts_eos / tts_pad; talker, code2wav: the modules.
+    mesh / rules: as ThinkerGenerator's: the talker and code2wav parameters sit at their rule shardings and every
+    compiled call runs under the mesh (the talker's MoE layers dispatch experts over the `expert` axis).
     """
 
-    def __init__(self, cfg: OmniConfig, thinker, talker, code2wav, *, moe_impl: str = "auto"):
+    def __init__(self, cfg: OmniConfig, thinker, talker, code2wav, *, moe_impl: str = "auto", mesh=None,
+                 rules: str | S.Rules = "default"):
         if talker is None or code2wav is None:
             raise SpeechError("this model was loaded without its talker / code2wav (speech output not loaded)")
         self.cfg = cfg
         self.tcfg = cfg.talker_config
         self.moe_impl = moe_impl
+        self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = nnx.split(talker)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
         self.code2wav = code2wav
         self._c2w_graphdef, self._c2w_state = nnx.split(code2wav)
+        if mesh is not None:  # a no-op for parameters loaded at their shardings (load_model(..., mesh=))
+            S.check_model_fits(mesh, [("talker", self.tcfg.text_config)])
+            self.state = jax.device_put(self.state, S.named_shardings(self.state, mesh, self.rules))
+            self._c2w_state = jax.device_put(self._c2w_state, S.named_shardings(self._c2w_state, mesh, self.rules))
         self.total_upsample = code2wav.total_upsample
         self.tail_loss = self.total_upsample - code2wav.output_length(1)  # samples a decode lacks at its end
         vocab = self.tcfg.text_config.vocab_size
@@ -213,14 +223,20 @@ class SpeechGenerator:
         suppress[eos] = False
         self.suppress = jnp.asarray(suppress)
         tts_ids = jnp.asarray([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id])
-        tts_text, _ = _project(self.graphdef, self.state, thinker.embed(tts_ids).astype(self.dtype),
-                                    jnp.zeros((3, self.tcfg.thinker_hidden_size), self.dtype))
+        with self._on_mesh():
+            tts_text, _ = _project(self.graphdef, self.state, thinker.embed(tts_ids).astype(self.dtype),
+                                   jnp.zeros((3, self.tcfg.thinker_hidden_size), self.dtype))
         self.tts_bos, self.tts_eos, self.tts_pad = np.asarray(tts_text)
+
+    def _on_mesh(self):
+        """Context for every compiled call: the mesh and rules (nothing without a mesh)."""
+        return S.activate(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
     # -- talker prompt (§6.2) ---------------------------------------------------------------------------------
     def _codec_rows(self, ids) -> np.ndarray:
         """talker.model.codec_embedding rows of int ids [K] -> [K, H]."""
-        return np.asarray(_embed_codes(self.graphdef, self.state, jnp.asarray(ids, jnp.int32)))
+        with self._on_mesh():
+            return np.asarray(_embed_codes(self.graphdef, self.state, jnp.asarray(ids, jnp.int32)))
 
     def talker_prompt(self, prompt_ids, generated_ids, hidden_embed: np.ndarray, hidden_accept: np.ndarray, *,
                       speaker: str = "Ethan", audio_seqlens=None, image_grid=None, video_grid=None,
@@ -327,8 +343,10 @@ class SpeechGenerator:
         # Both projections of every row, at a bucketed length so new lengths reuse the compiled function.
         padded = bucket(rows)
         pad = ((0, padded - rows), (0, 0))
-        text_rows, mm_rows = _project(self.graphdef, self.state, jnp.asarray(np.pad(hidden_embed, pad), self.dtype),
-                                      jnp.asarray(np.pad(hidden_accept, pad), self.dtype))
+        with self._on_mesh():
+            text_rows, mm_rows = _project(self.graphdef, self.state,
+                                          jnp.asarray(np.pad(hidden_embed, pad), self.dtype),
+                                          jnp.asarray(np.pad(hidden_accept, pad), self.dtype))
         text_rows, mm_rows = np.asarray(text_rows)[:rows], np.asarray(mm_rows)[:rows]
 
         th = cfg.thinker_config
@@ -385,9 +403,10 @@ class SpeechGenerator:
     def prefill_logits(self, tp: TalkerPrompt) -> np.ndarray:
         """Talker prefill logits at the last prompt row, fp32 [V] (for tests and inspection)."""
         n = tp.embeds.shape[0]
-        logits, _, _ = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
-                                jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
-                                cache_len=bucket(n + 1), moe_impl=self.moe_impl)
+        with self._on_mesh():
+            logits, _, _ = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
+                                    jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
+                                    cache_len=bucket(n + 1), moe_impl=self.moe_impl)
         return np.asarray(logits[0], np.float32)
 
     def frames(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
@@ -409,9 +428,10 @@ class SpeechGenerator:
         eos = self.tcfg.codec_eos_token_id
         rng = jax.random.PRNGKey(sampling.seed)
         step_params = dataclasses.replace(sampling, seed=0)  # static: one compile for every seed
-        logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
-                                         jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
-                                         cache_len=cache_len, moe_impl=self.moe_impl)
+        with self._on_mesh():
+            logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
+                                             jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
+                                             cache_len=cache_len, moe_impl=self.moe_impl)
         rng, sub = jax.random.split(rng)
         # Repetition penalty over generated codec ids only (the talker's `input_ids` start empty).
         seen = jnp.zeros((1, vocab), bool)
@@ -433,9 +453,10 @@ class SpeechGenerator:
             text_row = trailing[step][None] if step < trailing.shape[0] else pad_row
             pos = jnp.asarray((last_pos + 1 + step)[:, None, None])
             rng, sub = jax.random.split(rng)
-            frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
-                                             jnp.full((1,), n + step, jnp.int32), pos, sub, seen, self.suppress,
-                                             params=step_params, moe_impl=self.moe_impl)
+            with self._on_mesh():
+                frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
+                                                 jnp.full((1,), n + step, jnp.int32), pos, sub, seen,
+                                                 self.suppress, params=step_params, moe_impl=self.moe_impl)
             yield np.asarray(frame[0], np.int32)
 
     def generate_codes(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096,
@@ -484,9 +505,10 @@ class SpeechGenerator:
         eos = self.tcfg.codec_eos_token_id
         rng = jax.random.PRNGKey(sampling.seed)
         step_params = dataclasses.replace(sampling, seed=0)  # static: one compile for every seed
-        logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(embeds, self.dtype),
-                                         jnp.asarray(positions), jnp.asarray(lengths - 1), cache_len=cache_len,
-                                         moe_impl=self.moe_impl)
+        with self._on_mesh():
+            logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(embeds, self.dtype),
+                                             jnp.asarray(positions), jnp.asarray(lengths - 1), cache_len=cache_len,
+                                             moe_impl=self.moe_impl)
         rng, sub = jax.random.split(rng)
         seen = jnp.zeros((b, vocab), bool)  # repetition penalty over each row's generated codec ids only
         c0 = next_token(logits, sub, sampling, seen=seen, suppress=self.suppress)
@@ -510,9 +532,10 @@ class SpeechGenerator:
             text_row = trailing[:, step] if step < n_trail else pad_rows
             pos = jnp.asarray((last_pos + 1 + step)[:, :, None])
             rng, sub = jax.random.split(rng)
-            frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
-                                             jnp.asarray(lengths + step), pos, sub, seen, self.suppress,
-                                             params=step_params, moe_impl=self.moe_impl)
+            with self._on_mesh():
+                frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
+                                                 jnp.asarray(lengths + step), pos, sub, seen, self.suppress,
+                                                 params=step_params, moe_impl=self.moe_impl)
             yield np.asarray(frame, np.int32), active
 
     def generate_codes_batch(self, tps: list[TalkerPrompt], *, max_new_tokens: int = 4096,
@@ -536,7 +559,8 @@ class SpeechGenerator:
         self.code2wav.validate_codes(codes)
         t = codes.shape[-1]
         padded = np.pad(codes, ((0, 0), (0, 0), (0, bucket(t, 8) - t)))
-        wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded))
+        with self._on_mesh():
+            wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded))
         return np.asarray(wav[:, 0, :t * self.total_upsample - self.tail_loss], np.float32)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -601,7 +625,8 @@ class SpeechGenerator:
             codes = np.stack(frames[start - ctx:end], axis=1)
             padded = np.pad(codes, ((0, 0), (0, window - codes.shape[1])))
             self.code2wav.validate_codes(codes[None])
-            wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded[None]))
+            with self._on_mesh():
+                wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded[None]))
             wav = np.asarray(wav[0, 0], np.float32)
             first = max(0, start * up - loss) - (start - ctx) * up  # absolute -> window sample index
             return wav[first:end * up - loss - (start - ctx) * up]

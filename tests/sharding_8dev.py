@@ -1,9 +1,11 @@
 """Checks that need 8 devices: run by tests/test_sharding.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (pytest's process has already initialised jax with one).
 
-    python tests/sharding_8dev.py moe thinker hlo generate     # prints one JSON object of measurements
+    python tests/sharding_8dev.py moe hlo create generate speak     # prints one JSON object of measurements
+    JAX_ENABLE_X64=1 python tests/sharding_8dev.py thinker
 
-Each section returns numbers; the assertions live in test_sharding.py.
+Each section returns numbers; the assertions live in test_sharding.py. Sections speak and generate read the tiny
+speech checkpoint named by $OMNI_JAX_SPEECH_MODEL (test_sharding.py passes the conftest fixture's directory).
 """
 
 from __future__ import annotations
@@ -140,43 +142,77 @@ def _forward_and_grads(graphdef, state, ids, cot):
     return logits, grads
 
 
+def nrel(a, b) -> float:
+    """Norm-wise relative error ||a - b|| / ||b|| (in float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def _errors(logits, grads, ref_logits, ref_grads) -> dict:
+    """logits and per-tensor gradient errors of one run against another: norm-wise and max|diff|/max|ref|, plus
+    the norm-wise error of the whole gradient (every tensor flattened into one vector)."""
+    keys = sorted(ref_grads)
+    whole = [np.concatenate([np.ravel(g[k]).astype(np.float64) for k in keys]) for g in (grads, ref_grads)]
+    return {"logits_norm": nrel(logits, ref_logits), "logits_max": rel(logits, ref_logits),
+            "grads_norm": {k: nrel(grads[k], ref_grads[k]) for k in keys},
+            "grads_max": {k: rel(grads[k], ref_grads[k]) for k in keys},
+            "grads_whole_norm": nrel(*whole)}
+
+
+def _router_follows_float64() -> bool:
+    """Whether the MoE router's softmax runs in float64 for float64 activations (fp32 for bf16/fp32 either way);
+    if it stayed fp32, the float64 comparison below would carry fp32 rounding of the router probabilities."""
+    from omni_jax.layers.mlp import Router
+
+    r = Router(4, 4, dtype=jnp.float64, rngs=nnx.Rngs(0))
+    return r(jnp.ones((2, 4), jnp.float64), 2, True)[1].dtype == jnp.float64
+
+
+def _run_forward_and_grads(graphdef, *args, quick: bool = False):
+    """Compile and run `_forward_and_grads` (under the active mesh, if any). quick: at XLA backend optimisation
+    level 0, which halves the compile time; used for the float64 runs, which check that the sharded and
+    single-device programs compute the same math (both are built the same way), not how fp32 rounds."""
+    lowered = jax.jit(_forward_and_grads, static_argnums=0).lower(graphdef, *args)
+    return lowered.compile(compiler_options={"xla_backend_optimization_level": 0} if quick else None)(*args)
+
+
 def section_thinker():
-    """fp32 logits and gradients on each mesh vs one device; with JAX_ENABLE_X64=1 also the single-device fp32
-    result's own distance from a float64 run (the fp32 noise floor of this computation)."""
+    """Logits and every parameter gradient of a 2-layer tiny thinker on each mesh vs one device, in fp32 and (the
+    same weights, converted exactly) in float64; plus the fp32 noise floor: the single-device fp32 result's own
+    distance from the single-device float64 one. Needs JAX_ENABLE_X64=1."""
+    assert jax.config.jax_enable_x64, "section thinker needs JAX_ENABLE_X64=1"
     model = _tiny_thinker()
     graphdef, state = nnx.split(model)
     r = np.random.default_rng(2)
-    ids = jnp.asarray(r.integers(0, 500, size=(8, 16)), jnp.int32)
-    cot = jnp.asarray(r.normal(size=(8, 16, 512)), jnp.float32)
-    x64 = jax.config.jax_enable_x64
-    dtypes = (jnp.float32, jnp.float64) if x64 else (jnp.float32,)
-    f = jax.jit(_forward_and_grads, static_argnums=0)
-    refs = {}
+    ids = np.asarray(r.integers(0, 500, size=(8, 16)), np.int32)
+    cot = r.normal(size=(8, 16, 512)).astype(np.float32)
+    dtypes = (jnp.float32, jnp.float64)
+
+    def host(logits, grads):
+        return np.asarray(logits), {".".join(map(str, k)): np.asarray(v.get_value())
+                                    for k, v in nnx.to_flat_state(grads)}
+
+    states, refs = {}, {}
     for dt in dtypes:
-        st = jax.tree.map(lambda a, dt=dt: a.astype(dt), state)
-        logits, grads = f(graphdef, st, ids, cot.astype(dt))
-        refs[dt] = (st, logits, dict(nnx.to_flat_state(grads)))
-    out = {}
-    if x64:
-        (_, l32, g32), (_, l64, g64) = refs[jnp.float32], refs[jnp.float64]
-        out["fp32_noise"] = {"logits_rel": rel(l32, l64),
-                             "grad_rel_max": max(rel(v.get_value(), g64[k].get_value()) for k, v in g32.items())}
+        states[dt] = jax.tree.map(lambda a, dt=dt: a.astype(dt), state)  # fp32 values: exact in float64
+        refs[dt] = host(*_run_forward_and_grads(graphdef, states[dt], jnp.asarray(ids), jnp.asarray(cot, dt),
+                                                quick=dt == jnp.float64))
+    out = {"fp32_floor": _errors(*refs[jnp.float32], *refs[jnp.float64]), "num_grads": len(refs[jnp.float32][1]),
+           "router_follows_float64": _router_follows_float64()}
     for spec in MESHES:
         mesh = S.make_mesh(spec)
-        for dt in (jnp.float32,):  # float64 on the mesh matches no better: the router softmax is fp32 by design
-            st, ref_logits, ref_flat = refs[dt]
-            placed = jax.device_put(st, S.named_shardings(st, mesh))
+        for dt in dtypes:
+            placed = jax.device_put(states[dt], S.named_shardings(states[dt], mesh))
             with S.activate(mesh):
-                g = jax.jit(_forward_and_grads, static_argnums=0)
-                logits, grads = g(graphdef, placed, S.put_global(np.asarray(ids), mesh),
-                                  S.put_global(np.asarray(cot.astype(dt)), mesh))
-            errs = {".".join(map(str, k)): rel(v.get_value(), ref_flat[k].get_value())
-                    for k, v in nnx.to_flat_state(grads)}
-            worst = max(errs, key=errs.get)
-            exp = placed["model"]["layers"][0]["mlp"]["experts"]["gate_proj"].get_value().sharding.spec
-            out[f"{spec}|{jnp.dtype(dt).name}"] = {
-                "logits_rel": rel(logits, ref_logits), "grad_rel_max": errs[worst], "grad_worst": worst,
-                "num_grads": len(errs), "expert_spec": str(exp)}
+                logits, grads = host(*_run_forward_and_grads(
+                    graphdef, placed, S.put_global(ids, mesh), S.put_global(cot.astype(jnp.dtype(dt)), mesh),
+                    quick=dt == jnp.float64))
+            m = _errors(logits, grads, *refs[dt])
+            if dt == jnp.float32:  # how far each fp32 result is from the float64 one
+                m["vs_float64"] = _errors(logits, grads, *refs[jnp.float64])
+                exp = placed["model"]["layers"][0]["mlp"]["experts"]["gate_proj"].get_value().sharding.spec
+                m["expert_spec"] = str(exp)
+            out[f"{spec}|{jnp.dtype(dt).name}"] = m
     return out
 
 
@@ -208,45 +244,107 @@ def _cli(argv):
 
 
 def section_generate():
-    """Greedy `omni-jax generate` with and without --mesh (an HF directory), and from an Orbax checkpoint
-    restored directly at its shardings."""
-    from omni_jax.checkpoint.hf import save_hf
-    from omni_jax.config import tiny
-    from omni_jax.models.omni import OmniModel
-    from omni_jax.processing.tiny_tokenizer import write_processor_config, write_tiny_tokenizer
-
+    """Greedy text-only `omni-jax generate` on the tiny speech checkpoint ($OMNI_JAX_SPEECH_MODEL) with
+    --mesh expert=8 from its HF directory, and with expert=4,tensor=2 from an Orbax checkpoint restored directly
+    at its shardings. The one-device baseline is section speak's run without a mesh (same messages and settings)."""
+    model = os.environ["OMNI_JAX_SPEECH_MODEL"]
     d = tempfile.mkdtemp()
-    model = os.path.join(d, "tiny")
-    cfg = tiny()
-    # A random thinker-only HF directory (what `omni-jax init` writes), its parameters created in one compiled
-    # call directly at their (here one-device) shardings.
-    one = S.make_mesh("data=1", devices=jax.devices()[:1])
-    m = S.create_sharded(lambda: OmniModel(cfg, rngs=nnx.Rngs(3), parts=("thinker",)), one)
-    save_hf(m, cfg, model)
-    write_tiny_tokenizer(model)
-    write_processor_config(model)
-    msgs = os.path.join(d, "m.json")
-    with open(msgs, "w") as f:
-        json.dump([{"role": "user", "content": "hello there, how are you"}], f)
-    base = ["generate", "--model", model, "--messages", msgs, "--greedy", "--json", "--max-new-tokens", "12"]
-    rc, text = _cli(base)
-    want = json.loads(text)["token_ids"]
-    out = {"none": want}
-    for spec in ("data=2,expert=4", "expert=8"):  # expert x tensor: from Orbax below
-        rc, text = _cli(base + ["--mesh", spec])
-        out[spec] = json.loads(text)["token_ids"] if rc == 0 else f"rc={rc}"
+    base = ["--messages", _speak_messages(d), "--greedy", "--json", "--max-new-tokens", "6"]
+    out = {}
+    rc, text = _cli(["generate", "--model", model, *base, "--mesh", "expert=8"])
+    out["expert=8"] = json.loads(text)["token_ids"] if rc == 0 else f"rc={rc}"
     orbax = os.path.join(d, "orbax")
     _cli(["convert", "--model", model, "--out", orbax, "--to", "orbax"])
-    rc, text = _cli(["generate", "--model", orbax] + base[3:] + ["--mesh", "expert=4,tensor=2"])
+    rc, text = _cli(["generate", "--model", orbax, *base, "--mesh", "expert=4,tensor=2"])
     out["orbax|expert=4,tensor=2"] = json.loads(text)["token_ids"] if rc == 0 else f"rc={rc}"
     from omni_jax.checkpoint.orbax_io import load_orbax
 
-    m, _ = load_orbax(orbax, mesh=S.make_mesh("expert=4,tensor=2"))
+    m, _ = load_orbax(orbax, mesh=S.make_mesh("expert=4,tensor=2"), parts=("thinker",))
     out["orbax_expert_sharding"] = str(m.thinker.model.layers[0].mlp.experts.gate_proj.get_value().sharding.spec)
     return out
 
 
-SECTIONS = {"moe": section_moe, "thinker": section_thinker, "hlo": section_hlo, "generate": section_generate}
+def section_create():
+    """`create_sharded`: an MoE block created in one compiled call directly at its shardings on expert x tensor
+    equals the same compiled creation on one device (bit for bit; eager creation may differ by an ulp: XLA fuses
+    the init's scaling differently), and each parameter sits where the rules say."""
+    from omni_jax.layers.mlp import MoE
+
+    def factory():
+        return MoE(16, 12, 8, 2, True, shared_inner=8, rngs=nnx.Rngs(3))
+
+    mesh = S.make_mesh("expert=4,tensor=2")
+    got = dict(nnx.to_flat_state(nnx.state(S.create_sharded(factory, mesh))))
+    want = dict(nnx.to_flat_state(jax.jit(lambda: nnx.state(factory()))()))
+    specs = dict(nnx.to_flat_state(S.param_specs(nnx.state(factory()), S.DEFAULT_RULES, mesh)))
+    return {".".join(map(str, k)): {"equal": bool(np.array_equal(v.get_value(), want[k].get_value())),
+                                    "spec": str(v.get_value().sharding.spec), "rule_spec": str(specs[k])}
+            for k, v in got.items()}
+
+
+def _speak_messages(d: str) -> str:
+    path = os.path.join(d, "m.json")
+    with open(path, "w") as f:
+        json.dump([{"role": "user", "content": "Tell me a story about a cat."}], f)
+    return path
+
+
+def section_speak():
+    """`omni-jax generate --speak` (greedy thinker and talker) on a tiny speech checkpoint (the HF directory named
+    by $OMNI_JAX_SPEECH_MODEL) with and without `--mesh expert=4,data=2`: thinker tokens, codec frames and
+    waveform. A spy on the speech generator records the frames and where the talker's experts sit; one on the
+    expert-parallel FFN records the hidden sizes it ran at (thinker 64, talker 32)."""
+    import soundfile
+
+    from omni_jax import speech
+
+    model = os.environ["OMNI_JAX_SPEECH_MODEL"]
+    d = tempfile.mkdtemp()
+    msgs = _speak_messages(d)
+    seen: dict = {"ep_hidden": set()}
+    generate_codes, ffn_ep = speech.SpeechGenerator.generate_codes, EP.expert_ffn_ep
+
+    def spy_codes(self, *a, **k):
+        res = generate_codes(self, *a, **k)
+        experts = [v for p, v in nnx.to_flat_state(self.state) if "experts" in p and p[-1] == "gate_proj"]
+        seen.update(codes=res.codes, talker_expert_spec=str(getattr(experts[0].get_value().sharding, "spec", None)))
+        return res
+
+    def spy_ep(x, *a, **k):
+        seen["ep_hidden"].add(int(x.shape[-1]))
+        return ffn_ep(x, *a, **k)
+
+    out = {}
+    speech.SpeechGenerator.generate_codes, EP.expert_ffn_ep = spy_codes, spy_ep
+    try:
+        for spec in (None, "expert=4,data=2"):
+            wav_path = os.path.join(d, f"{spec}.wav")
+            rc, text = _cli(["generate", "--model", model, "--messages", msgs, "--greedy", "--json",
+                             "--max-new-tokens", "6", "--speak", wav_path, "--talker-max-new-tokens", "12"]
+                            + (["--mesh", spec] if spec else []))
+            if rc:
+                out[str(spec)] = f"rc={rc}"
+                continue
+            res = json.loads(text)
+            out[str(spec)] = {"token_ids": res["token_ids"], "num_codec_frames": res["num_codec_frames"],
+                              "codes": np.asarray(seen["codes"]).tolist(),
+                              "waveform": soundfile.read(wav_path, dtype="float32")[0],
+                              "talker_expert_spec": seen["talker_expert_spec"],
+                              "ep_hidden_sizes": sorted(seen["ep_hidden"])}
+            seen["ep_hidden"] = set()
+    finally:
+        speech.SpeechGenerator.generate_codes, EP.expert_ffn_ep = generate_codes, ffn_ep
+    mesh_run, ref = out["expert=4,data=2"], out["None"]
+    if isinstance(mesh_run, dict) and isinstance(ref, dict):
+        a, b = mesh_run.pop("waveform"), ref.pop("waveform")
+        mesh_run["waveform_len"], ref["waveform_len"] = len(a), len(b)
+        if len(a) == len(b):
+            mesh_run["waveform_rel"] = rel(a, b)
+    return out
+
+
+SECTIONS = {"moe": section_moe, "thinker": section_thinker, "hlo": section_hlo, "create": section_create,
+            "generate": section_generate, "speak": section_speak}
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()

@@ -54,14 +54,15 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Qwen RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight."""
+    """Qwen RMSNorm: normalise in fp32 (float64 for float64 inputs), cast back to the input dtype, then multiply
+    by the weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.weight = param(rngs, (dim,), ("norm",), dtype, init="ones")
         self.eps = eps
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16/fp32 -> fp32 (as the reference)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
 

@@ -30,7 +30,8 @@ class Router(nnx.Module):
 
     def __call__(self, x, top_k: int, norm_topk_prob: bool):
         logits = x @ self.kernel[...].astype(x.dtype)  # [N, E] in the activation dtype
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # fp32 on purpose (reference)
+        # fp32 on purpose (reference); float64 inputs stay float64 (exactness checks under jax_enable_x64)
+        probs = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
         top_w, top_i = jax.lax.top_k(probs, top_k)
         if norm_topk_prob:
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
