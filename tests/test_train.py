@@ -106,6 +106,35 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert [s for s, *_ in a] == [1, 2, 3, 4, 5, 6]
     assert a == b  # bit for bit (float32 values written with repr precision)
 
+    # Preemption: a real SIGTERM (sent by the process to itself after step 2, as a TPU VM's preemption notice
+    # would arrive) makes the run save a checkpoint at that step and exit cleanly; the resumed run matches too.
+    term = str(tmp_path / "term")
+    r = subprocess.run([*cmd[:cmd.index("--workdir") + 1], term, *cmd[cmd.index("--workdir") + 2:-1],
+                        "--config.train.debug_sigterm_at=2"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["status"] == "preempted" and res["step"] == 2
+    assert "SIGTERM" in r.stderr and [m["step"] for m in _metrics(term)] == [1, 2]
+    assert sorted(int(x) for x in os.listdir(os.path.join(term, "checkpoints")) if x.isdigit())[-1] == 2
+    L.train(os.path.join(REPO, "configs/toy.py:quick"), term, common, progress=False)
+    assert [(m["step"], m["loss"], m["grad_norm"]) for m in _metrics(term) if "loss" in m] == a
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
+    """loss.compute_dtype=bfloat16: the forward runs in bf16 (its losses differ from fp32 by bf16 rounding, not
+    more), the optimizer updates fp32 parameters."""
+    runs = {}
+    for dt in ("float32", "bfloat16"):
+        t = L.Trainer(_cfg(f"--config.loss.compute_dtype={dt}"), str(tmp_path / dt), progress=False)
+        out = t.run()
+        runs[dt] = [m["loss"] for m in _metrics(str(tmp_path / dt)) if "loss" in m]
+        assert out["status"] == "done"
+        assert {x.dtype for x in jax.tree.leaves(t.state["params"])} == {jnp.dtype(jnp.float32)}
+    f32, b16 = np.array(runs["float32"]), np.array(runs["bfloat16"])
+    assert np.all(np.isfinite(b16)) and len(b16) == 6
+    assert not np.array_equal(f32, b16)  # the bf16 forward really ran
+    np.testing.assert_allclose(b16[0], f32[0], rtol=2e-2)  # same initial weights: bf16 rounding only
+
 
 def test_bad_records_are_counted_and_skipped(tmp_path, caplog):
     good = {"messages": [{"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": "3"}]}

@@ -235,12 +235,15 @@ class BadRecordFilter:
 class TrainIterator:
     """Infinite batches of a JSONL file; `state()` / `restore(state)` make resumption exact."""
 
-    def __init__(self, path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig):
+    def __init__(self, path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig, *, make_preprocessor=None):
+        """make_preprocessor(media_dir) -> a record -> example callable (default: the thinker's Preprocessor;
+        talker training passes its own)."""
         src = JsonlSource(path)
         self.filter = BadRecordFilter(c, os.path.basename(path))
         ds = grain.MapDataset.source(src).shuffle(seed=c.seed).repeat(None)
         ds = ds[jax.process_index()::jax.process_count()]  # this host's share
-        ds = ds.map(Preprocessor(tokenizer, cfg, c, os.path.dirname(src.path)))
+        media_dir = os.path.dirname(src.path)
+        ds = ds.map(make_preprocessor(media_dir) if make_preprocessor else Preprocessor(tokenizer, cfg, c, media_dir))
         opts = grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=c.prefetch)
         ds = ds.to_iter_dataset(opts).filter(self.filter).batch(c.batch_size, drop_remainder=True)
         self.it = iter(ds)
@@ -259,11 +262,13 @@ class TrainIterator:
         self.filter.seen, self.filter.bad = int(state["seen"]), int(state["bad"])
 
 
-def eval_batches(path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig, max_examples: int | None = None):
+def eval_batches(path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig, max_examples: int | None = None,
+                 *, make_preprocessor=None):
     """One pass over an eval file in order, in batches of the training shape (the last is padded with empty
-    examples, which have no targets and count for nothing)."""
+    examples, which have no targets and count for nothing). make_preprocessor: as for TrainIterator."""
     src = JsonlSource(path)
-    pre = Preprocessor(tokenizer, cfg, c, os.path.dirname(src.path))
+    media_dir = os.path.dirname(src.path)
+    pre = make_preprocessor(media_dir) if make_preprocessor else Preprocessor(tokenizer, cfg, c, media_dir)
     filt = BadRecordFilter(c, os.path.basename(path))
     n = len(src) if max_examples is None else min(len(src), max_examples)
     buf = []
@@ -272,12 +277,12 @@ def eval_batches(path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig
         if filt(ex):
             buf.append(ex)
         if len(buf) == c.batch_size:
-            yield _stack(buf)
+            yield stack(buf)
             buf = []
     if buf:
-        empty = jax.tree.map(np.zeros_like, buf[0])
-        yield _stack(buf + [empty] * (c.batch_size - len(buf)))
+        empty = jax.tree.map(np.zeros_like, buf[0])  # all-invalid: no targets
+        yield stack(buf + [empty] * (c.batch_size - len(buf)))
 
 
-def _stack(examples: list[dict]) -> dict:
+def stack(examples: list[dict]) -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -500,6 +500,8 @@ class Trainer:
                     if tc.debug_sigkill_at and step == tc.debug_sigkill_at:  # for the resume test only
                         mngr.wait_until_finished()
                         os.kill(os.getpid(), signal.SIGKILL)
+                if tc.get("debug_sigterm_at", 0) and step == tc.debug_sigterm_at:  # preemption test only
+                    os.kill(os.getpid(), signal.SIGTERM)
                 if bar is not None:
                     bar.update(1)
                 if self._stop:

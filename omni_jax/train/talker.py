@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,42 +184,20 @@ class TalkerPreprocessor(D.Preprocessor):
         return out
 
 
-class TalkerTrainIterator(D.TrainIterator):
+def talker_train_iterator(path: str, tokenizer, cfg: OmniConfig, c: D.DataConfig, tc: TalkerTrainConfig):
     """`train.data.TrainIterator` over records with codec targets (same pipeline, `TalkerPreprocessor`)."""
-
-    def __init__(self, path: str, tokenizer, cfg: OmniConfig, c: D.DataConfig, tc: TalkerTrainConfig):
-        src = D.JsonlSource(path)
-        self.filter = D.BadRecordFilter(c, os.path.basename(path))
-        ds = grain.MapDataset.source(src).shuffle(seed=c.seed).repeat(None)
-        ds = ds[jax.process_index()::jax.process_count()]
-        ds = ds.map(TalkerPreprocessor(tokenizer, cfg, c, os.path.dirname(src.path), tc))
-        opts = grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=c.prefetch)
-        ds = ds.to_iter_dataset(opts).filter(self.filter).batch(c.batch_size, drop_remainder=True)
-        self.it = iter(ds)
+    return D.TrainIterator(path, tokenizer, cfg, c, make_preprocessor=lambda media: TalkerPreprocessor(
+        tokenizer, cfg, c, media, tc))
 
 
 def talker_eval_batches(path: str, tokenizer, cfg: OmniConfig, c: D.DataConfig, tc: TalkerTrainConfig,
                         max_examples: int | None = None):
     """One in-order pass over an eval file; the last batch is padded with empty (all-invalid) examples."""
-    src = D.JsonlSource(path)
-    pre = TalkerPreprocessor(tokenizer, cfg, c, os.path.dirname(src.path), tc)
-    filt = D.BadRecordFilter(c, os.path.basename(path))
-    n = len(src) if max_examples is None else min(len(src), max_examples)
-    buf = []
-    for i in range(n):
-        ex = pre(src[i])
-        if filt(ex):
-            buf.append(ex)
-        if len(buf) == c.batch_size:
-            yield stack(buf)
-            buf = []
-    if buf:
-        empty = jax.tree.map(np.zeros_like, buf[0])  # talker_valid / codec_valid False: no targets
-        yield stack(buf + [empty] * (c.batch_size - len(buf)))
+    return D.eval_batches(path, tokenizer, cfg, c, max_examples,
+                          make_preprocessor=lambda media: TalkerPreprocessor(tokenizer, cfg, c, media, tc))
 
 
-def stack(examples: list[dict]) -> dict:
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+stack = D.stack
 
 
 # --------------------------------------------------------------------------------------------- in-graph loss
@@ -404,7 +380,7 @@ class TalkerTask:
         return fn
 
     def train_iterator(self, path, tokenizer, cfg, c):
-        return TalkerTrainIterator(path, tokenizer, cfg, c, self.tc)
+        return talker_train_iterator(path, tokenizer, cfg, c, self.tc)
 
     def evaluate(self, run_eval, path, tokenizer, cfg, c, max_examples=None) -> dict:
         """run_eval(numpy batch) -> metrics (host). Token-weighted CEs and accuracies over the eval file."""
