@@ -242,3 +242,34 @@ def hf_model_from_dir(path: str | os.PathLike):
 
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(os.fspath(path), dtype=torch.float32)
     return model.eval()
+
+
+def thinker_loss_case(seed: int, t: int, lengths, target_start: int):
+    """A tiny HF thinker ("a"), the same weights in an omni_jax OmniModel, and a right-padded text batch with a
+    loss mask from `target_start`; also runs transformers' thinker with labels and router logits.
+    Returns (cfg, model, batch dict of jax arrays, numpy ids / valid / loss_mask, transformers output)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from omni_jax.checkpoint.assign import load_tensors
+    from omni_jax.models.omni import OmniModel
+
+    cfg, hf = build_tiny_hf_model("a", enable_audio_output=False)
+    model = OmniModel(cfg, rngs=nnx.Rngs(0), parts=("thinker",))
+    load_tensors(model, {k: v.detach().numpy() for k, v in hf.state_dict().items()}, strict=False).raise_if_bad("hf")
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    ids = rng.integers(0, 490, (b, t)).astype(np.int32)
+    valid = np.arange(t)[None] < np.asarray(lengths)[:, None]
+    loss_mask = valid & (np.arange(t)[None] >= target_start)
+    pos = np.broadcast_to(np.arange(t, dtype=np.float32)[None, None], (3, b, t)).copy()
+    batch = jax.tree.map(jnp.asarray, dict(input_ids=ids, positions=pos, valid=valid, loss_mask=loss_mask))
+    with torch.no_grad():
+        out = hf.thinker(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(valid, dtype=torch.long),
+                         labels=torch.tensor(np.where(loss_mask, ids, -100), dtype=torch.long),
+                         output_router_logits=True)
+    return cfg, model, batch, (ids, valid, loss_mask), out

@@ -3,13 +3,9 @@
 exactly as it was (CE + aux coef * load-balancing loss, transformers' thinker loss)."""
 
 import hf_fixtures
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from omni_jax.checkpoint.assign import load_tensors
-from omni_jax.models.omni import OmniModel
 from omni_jax.train import step as TS
 
 
@@ -26,23 +22,7 @@ def _z_numpy(router_logits, valid):
 
 
 def test_router_z_loss_matches_numpy_and_coef_zero_changes_nothing():
-    import torch
-
-    cfg, hf = hf_fixtures.build_tiny_hf_model("a", enable_audio_output=False)
-    model = OmniModel(cfg, rngs=nnx.Rngs(0), parts=("thinker",))
-    load_tensors(model, {k: v.detach().numpy() for k, v in hf.state_dict().items()}, strict=False).raise_if_bad("hf")
-    rng = np.random.default_rng(1)
-    b, t = 3, 18
-    ids = rng.integers(0, 490, (b, t)).astype(np.int32)
-    valid = np.arange(t)[None] < np.array([18, 11, 6])[:, None]
-    loss_mask = valid & (np.arange(t)[None] >= 4)
-    pos = np.broadcast_to(np.arange(t, dtype=np.float32)[None, None], (3, b, t)).copy()
-    batch = jax.tree.map(jnp.asarray, dict(input_ids=ids, positions=pos, valid=valid, loss_mask=loss_mask))
-    with torch.no_grad():
-        out = hf.thinker(input_ids=torch.tensor(ids, dtype=torch.long),
-                         attention_mask=torch.tensor(valid, dtype=torch.long),
-                         labels=torch.tensor(np.where(loss_mask, ids, -100), dtype=torch.long),
-                         output_router_logits=True)
+    cfg, model, batch, (_, valid, _), out = hf_fixtures.thinker_loss_case(1, 18, [18, 11, 6], target_start=4)
     want, n_moe = _z_numpy([x.numpy() for x in out.router_logits], valid)
     tcfg = cfg.thinker_config.text_config
     assert n_moe == sum(tcfg.is_moe_layer(i) for i in range(tcfg.num_hidden_layers)) >= 2

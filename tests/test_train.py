@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omni_jax.checkpoint.assign import load_tensors
 from omni_jax.config import ConfigError
-from omni_jax.models.omni import OmniModel
 from omni_jax.train import data as D
 from omni_jax.train import events
 from omni_jax.train import loop as L
@@ -38,24 +36,8 @@ def _metrics(workdir):
 
 def test_loss_and_aux_loss_match_transformers():
     """CE over labelled tokens + router_aux_loss_coef * load-balancing loss, right-padded batch with a mask."""
-    import torch
-
-    cfg, hf = hf_fixtures.build_tiny_hf_model("a", enable_audio_output=False)
-    model = OmniModel(cfg, rngs=nnx.Rngs(0), parts=("thinker",))
-    load_tensors(model, {k: v.detach().numpy() for k, v in hf.state_dict().items()}, strict=False).raise_if_bad("hf")
-    rng = np.random.default_rng(0)
-    b, t = 3, 20
-    ids = rng.integers(0, 490, (b, t)).astype(np.int32)
-    valid = np.arange(t)[None] < np.array([20, 14, 9])[:, None]
-    loss_mask = valid & (np.arange(t)[None] >= 5)
-    pos = np.broadcast_to(np.arange(t, dtype=np.float32)[None, None], (3, b, t)).copy()
-    batch = jax.tree.map(jnp.asarray, dict(input_ids=ids, positions=pos, valid=valid, loss_mask=loss_mask))
+    _, model, batch, (_, _, loss_mask), out = hf_fixtures.thinker_loss_case(0, 20, [20, 14, 9], target_start=5)
     loss, m = TS.thinker_loss(model, batch, TS.LossConfig())
-    with torch.no_grad():
-        out = hf.thinker(input_ids=torch.tensor(ids, dtype=torch.long),
-                         attention_mask=torch.tensor(valid, dtype=torch.long),
-                         labels=torch.tensor(np.where(loss_mask, ids, -100), dtype=torch.long),
-                         output_router_logits=True)
     # measured: |diff| ~ 1e-6 on a loss of 8.5 (float32 sums in a different order)
     np.testing.assert_allclose(float(m["aux_loss"]), float(out.aux_loss), rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-5)
