@@ -7,7 +7,9 @@ The toy quick config on text-only data (no encoders in the graph: fast compiles;
 that they add no optimizer state), 4 steps with a router z-loss, on one device and on three meshes:
 "data=2,expert=4" (Trainer API, with eval and export), "fsdp=4,tensor=2" (`omni-jax train --mesh --rules --init-from`)
 and "expert=8" (parameters created on their shards; 2 steps, then a new Trainer resumes the Orbax checkpoint
-onto the mesh shardings for steps 3-4); last, the single-device run's step-2 checkpoint is resumed on expert=8.
+onto the mesh shardings for steps 3-4); then the single-device run's step-2 checkpoint is resumed on expert=8.
+Last, talker training (configs/toy.py:talker shrunk to 3 steps, thinker frozen) on one device and on
+"data=2,expert=4" (`python tests/train_8dev.py WORKDIR talker` runs only that section).
 The assertions live in test_train_mesh.py.
 """
 
@@ -40,6 +42,12 @@ OVERRIDES = ["--config.toy.tasks=text", "--config.data.audio_slots=0", "--config
              "--config.loss.router_z_loss_coef=0.01", r"--config.train.freeze=^thinker\.(audio_tower|visual)\."]
 EXPERT = ("thinker", "model", "layers", 0, "mlp", "experts", "gate_proj")
 EMBED = ("thinker", "model", "embed_tokens", "embedding")
+TALKER_CONFIG = os.path.join(REPO, "configs/toy.py:talker")
+TALKER_OVERRIDES = ["--config.train.steps=3", "--config.optim.total_steps=3", "--config.optim.warmup_steps=1",
+                    "--config.toy.n_train=24", "--config.toy.n_eval=4", "--config.data.batch_size=4",
+                    "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.ckpt_every=0",
+                    "--config.train.export=false", "--config.train.async_checkpoint=false"]
+TALKER_EXPERT = ("talker", "model", "layers", 0, "mlp", "experts", "gate_proj")
 
 
 def _cfg(*extra):
@@ -97,11 +105,38 @@ def _no_eval(tr):
     return tr
 
 
-def main(root: str) -> dict:
+def talker(root: str) -> dict:
+    """train.task=talker, 3 steps on one device and on data=2,expert=4 (parameters created on their shards from
+    the same seed): per-step total / talker_ce / mtp_ce, the talker expert weight's (and its Adam moment's)
+    sharding, and how many MoE layers were traced expert-parallel."""
+    out, _ = {}, _ep_traces()  # drop the count of earlier sections
+    for name, mesh in (("none", None), ("data=2,expert=4", "data=2,expert=4")):
+        wd = os.path.join(root, "talker_" + name.replace("=", "").replace(",", "_"))
+        tr = _no_eval(L.Trainer(L.apply_overrides(L.load_config_file(TALKER_CONFIG), TALKER_OVERRIDES), wd,
+                                mesh=mesh, progress=False))
+        w = _get(tr.state["params"], TALKER_EXPERT)
+        mu = _get(tr.state["opt_state"][1][0].mu, TALKER_EXPERT)
+        r = {"expert": str(getattr(w.sharding, "spec", None)), "expert_mu": str(getattr(mu.sharding, "spec", None)),
+             "num_devices": len(w.sharding.device_set)}
+        if mesh is not None:
+            r["batch_spec"] = {k: str(v.spec) for k, v in tr.shardings["batch"].items()
+                               if k in ("talker_positions", "codec_codes", "positions")}
+        tr.run()
+        rows = [x for x in _rows(wd) if "talker_ce" in x]
+        r.update(step=[x["step"] for x in rows], **{k: [x[k] for x in rows] for k in ("loss", "talker_ce", "mtp_ce")},
+                 ep_traces=_ep_traces())
+        out[name] = r
+    return out
+
+
+def main(root: str, only: str = "") -> dict:
     out, t0 = {}, time.time()
     # Identical compiled programs (the resumed expert=8 run) come from the persistent cache.
     jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if only == "talker":
+        t = time.time()
+        return {"talker": talker(root), "talker_wall_s": time.time() - t}
 
     # One device (parameters created eagerly); its initial model is exported so that the meshes below can
     # start from it with --init-from (read straight onto the shards, no compiled init).
@@ -168,10 +203,13 @@ def main(root: str) -> dict:
         out["bad_batch_error"] = None
     except L.TrainError as e:
         out["bad_batch_error"] = str(e)
+    t = time.time()
+    out["talker"] = talker(root)
+    out["talker_wall_s"] = time.time() - t
     out["wall_s"] = time.time() - t0
     return out
 
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()
-    print(json.dumps(main(sys.argv[1])))
+    print(json.dumps(main(*sys.argv[1:3])))

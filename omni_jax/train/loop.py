@@ -17,7 +17,8 @@ Mesh training (`config.mesh.spec`, e.g. "data=2,expert=4"; `omni-jax train --mes
 parameters are created (or loaded) directly at the shardings the rules table of omni_jax.sharding gives, the
 optimizer state mirrors them, each batch is split over the `data` x `fsdp` mesh axes on its leading dim, and the
 steps are compiled with those shardings and traced under `sharding.activate` (so MoE layers run expert-parallel
-over `expert`). Checkpoints restore onto the current shardings, so a run may resume on a different mesh.
+over `expert`; the talker's too under train.task="talker", whose batch keys come from the task). Checkpoints
+restore onto the current shardings, so a run may resume on a different mesh.
 """
 
 from __future__ import annotations
@@ -249,21 +250,26 @@ def mesh_config(cfg) -> tuple[str, str]:
     return str(m.get("spec", "") or ""), str(m.get("rules", "default") or "default")
 
 
-def batch_keys(c: D.DataConfig) -> tuple[str, ...]:
-    """The arrays of a training batch for this data config (see train/data.py)."""
+def batch_keys(c: D.DataConfig, task=None) -> tuple[str, ...]:
+    """The arrays of a training batch for this data config (see train/data.py), plus those of a talker task
+    (`TalkerTask.batch_dims`)."""
     keys = ["input_ids", "positions", "valid", "loss_mask"]
     if c.audio_slots:
         keys += ["audio_features", "audio_frames", "audio_valid"]
     if c.image_slots:
         keys += ["image_pixels", "image_valid"]
+    if task is not None:
+        keys += [k for k in task.batch_dims() if k not in keys]
     return tuple(keys)
 
 
-def batch_shardings(mesh, c: D.DataConfig) -> dict:
-    """NamedSharding per batch key: the example dim over the data and fsdp axes (dim 1 of [3, B, T] positions)."""
+def batch_shardings(mesh, c: D.DataConfig, task=None) -> dict:
+    """NamedSharding per batch key: the example dim over the data and fsdp axes (dim 0; dim 1 of [3, B, T]
+    positions; a talker task names the example dim of each of its keys)."""
     axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape[a] > 1)
     lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return {k: NamedSharding(mesh, P(None, lead) if k == "positions" else P(lead)) for k in batch_keys(c)}
+    dims = {"positions": 1, **({} if task is None else task.batch_dims())}
+    return {k: NamedSharding(mesh, P(*[None] * dims.get(k, 0), lead)) for k in batch_keys(c, task)}
 
 
 def opt_state_shardings(tx, params, param_shardings, mesh):
@@ -338,8 +344,6 @@ class Trainer:
                                  f"{self.data_cfg.batch_size} x {jax.process_count()} processes) does not divide "
                                  f"over the mesh's batch axes data x fsdp = {split}; choose a batch size that is a "
                                  f"multiple of {split}")
-        if self.talker is not None and self.mesh is not None:
-            raise TrainError("talker training runs on one device for now: drop config.mesh.spec / --mesh")
         check_workdir(self.workdir)
         self.train_file, self.eval_file = self._data_files()
         self.model, self.mcfg, tok_dir = build_model(cfg, init_from, self.mesh, self.rules)
@@ -380,7 +384,7 @@ class Trainer:
         param_sh = S.named_shardings(params, mesh, self.rules)
         return {"params": param_sh, "frozen": S.named_shardings(frozen, mesh, self.rules),
                 "opt_state": opt_state_shardings(self.tx, params, param_sh, mesh),
-                "batch": batch_shardings(mesh, self.data_cfg)}
+                "batch": batch_shardings(mesh, self.data_cfg, self.talker)}
 
     def _replicated(self, x):
         return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, P()))

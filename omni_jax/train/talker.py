@@ -58,6 +58,11 @@ from omni_jax.train import step as TS
 
 IGNORE = -100  # transformers' ignore_index
 ASSISTANT_ROWS = 9
+# The talker fields a batch adds to the thinker's (`talker_layout`), each with the dim that indexes examples as
+# the array reaches the device: all are example-major (talker_positions stays [B, 3, T2] until `talker_loss`
+# moves it in-graph). The trainer splits that dim over the mesh's batch axes.
+BATCH_DIMS = {"talker_text_src": 0, "talker_text_mm": 0, "talker_codec_ids": 0, "talker_positions": 0,
+              "talker_valid": 0, "talker_labels": 0, "codec_codes": 0, "codec_valid": 0, "frame_start": 0}
 
 
 class TalkerTrainError(OmniJaxError):
@@ -367,6 +372,11 @@ class TalkerTask:
         if getattr(model, "talker", None) is None:
             raise TalkerTrainError("train.task=talker needs the talker: set model.parts to include 'talker' (and a "
                                    "config with enable_audio_output)")
+
+    @staticmethod
+    def batch_dims() -> dict[str, int]:
+        """The batch keys this task adds to the thinker's, each with its example dim (for mesh shardings)."""
+        return dict(BATCH_DIMS)
 
     def toy_options(self) -> dict:
         return {} if self.toy_codec is None else {"codec": self.toy_codec}
