@@ -112,8 +112,8 @@ class ThinkerGenerator:
         self.cache_dtype = cache_dtype
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "collect"))
         self._decode = jax.jit(self._decode_impl, static_argnames=("params", "collect"), donate_argnums=(1,))
-        self._decode_loop = jax.jit(self._decode_loop_impl, static_argnames=("params", "steps"),
-                                    donate_argnums=(1,))
+        # No donation: the loop returns tokens only, so the cache has no output to alias (XLA would warn).
+        self._decode_loop = jax.jit(self._decode_loop_impl, static_argnames=("params", "steps"))
         self._embed = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
         self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
 
