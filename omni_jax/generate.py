@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -119,7 +118,7 @@ class ThinkerGenerator:
 
     def _on_mesh(self):
         """Context for every compiled call: the mesh and rules (nothing without a mesh)."""
-        return S.activate(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+        return S.on_mesh(self.mesh, self.rules)
 
     def _put(self, x):
         """Host value -> device: replicated over the mesh (a global array on every process) when there is one."""

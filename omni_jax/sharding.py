@@ -304,6 +304,11 @@ def activate(mesh, rules: str | Rules = DEFAULT_RULES):
         _RULES.reset(token)
 
 
+def on_mesh(mesh, rules: str | Rules = DEFAULT_RULES):
+    """`activate(mesh, rules)` when there is a mesh, else a context that changes nothing (the generators' calls)."""
+    return activate(mesh, rules) if mesh is not None else contextlib.nullcontext()
+
+
 def active_mesh():
     """The mesh set by `activate` / jax.set_mesh, or None (also None inside a shard_map's manual region)."""
     m = jax.sharding.get_abstract_mesh()

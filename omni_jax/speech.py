@@ -27,7 +27,6 @@ request.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
@@ -230,7 +229,7 @@ class SpeechGenerator:
 
     def _on_mesh(self):
         """Context for every compiled call: the mesh and rules (nothing without a mesh)."""
-        return S.activate(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+        return S.on_mesh(self.mesh, self.rules)
 
     # -- talker prompt (§6.2) ---------------------------------------------------------------------------------
     def _codec_rows(self, ids) -> np.ndarray:

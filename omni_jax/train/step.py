@@ -173,13 +173,8 @@ def _real_first(valid):
 
 
 def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto"):
-    """Forward the thinker of an OmniModel over a training batch: (logits [B, T, V], router stats)."""
-    logits, stats = thinker_forward(model, batch, image_grid=image_grid, moe_impl=moe_impl)
-    return logits, stats["router"]
-
-
-def thinker_forward(model, batch: dict, *, image_grid=None, moe_impl: str = "auto"):
-    """As `thinker_logits`, but with the decoder's whole stats dict (router probs / indices and raw logits)."""
+    """Forward the thinker of an OmniModel over a training batch: (logits [B, T, V], the decoder's stats dict
+    with "router" (probs, indices) and "router_logits" per layer)."""
     th = model.thinker
     ids = batch["input_ids"]
     audio = image = None
@@ -216,7 +211,7 @@ def thinker_loss(model, batch: dict, c: LossConfig, *, image_grid=None):
     """Total loss = CE(assistant tokens) + coef * load-balancing loss (transformers' thinker with labels and
     output_router_logits) + router_z_loss_coef * router z-loss (over real tokens). Returns (total, metrics)."""
     tcfg = model.thinker.cfg.text_config
-    logits, stats = thinker_forward(model, batch, image_grid=image_grid, moe_impl=c.moe_impl)
+    logits, stats = thinker_logits(model, batch, image_grid=image_grid, moe_impl=c.moe_impl)
     router = stats["router"]
     ce, n_tok = masked_cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
     coef = tcfg.router_aux_loss_coef if c.aux_loss_coef is None else c.aux_loss_coef

@@ -165,8 +165,7 @@ def expert_ffn_bucketed(x, idx, weights, w_gate, w_up, w_down, levels: tuple[int
         return run
 
     def fallback(_):  # a group larger than every level: exact row tiles
-        out = expert_ffn_tiled(x, idx, jnp.ones_like(weights), w_gate, w_up, w_down, _per_copy=True)
-        return out
+        return expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, _per_copy=True)
 
     branches = [at_capacity(c) for c in levels] + [fallback]
     choice = jnp.searchsorted(jnp.asarray(levels, jnp.int32), jnp.max(sizes).astype(jnp.int32), side="left")
