@@ -68,7 +68,8 @@ def moe_inputs(n, h, i, e, k, dtype, seed=0):
     w = r.random((n, k)).astype(np.float32)
     w /= w.sum(1, keepdims=True)
     scale = 1 / np.sqrt(h)
-    ws = [r.normal(size=s).astype(np.float32) * scale for s in ((e, h, i), (e, h, i), (e, i, h))]
+    # expert weights in the model layout: gate/up [E, I, H], down [E, H, I] (torch Linear [out, in])
+    ws = [r.normal(size=s).astype(np.float32) * scale for s in ((e, i, h), (e, i, h), (e, h, i))]
     return tuple(jnp.asarray(a, dtype) if a.dtype == np.float32 else jnp.asarray(a) for a in (x, idx, w, *ws))
 
 

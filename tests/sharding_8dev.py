@@ -47,8 +47,8 @@ def _moe_inputs(n=30, e=8, h=16, i=12, k=2, seed=0):
     idx[: n // 2, 0] = 3  # skew the load towards expert 3 so capacity limits bite
     idx[: n // 2, 1] = np.where(idx[: n // 2, 1] == 3, 4, idx[: n // 2, 1])
     w = r.random((n, k)).astype(np.float32)
-    wg, wu = (r.normal(size=(e, h, i)).astype(np.float32) * 0.3 for _ in range(2))
-    wd = r.normal(size=(e, i, h)).astype(np.float32) * 0.3
+    wg, wu = (r.normal(size=(e, i, h)).astype(np.float32) * 0.3 for _ in range(2))  # [E, out, in]
+    wd = r.normal(size=(e, h, i)).astype(np.float32) * 0.3
     return x, idx, w, wg, wu, wd
 
 
@@ -224,8 +224,9 @@ def section_hlo():
         mesh = S.make_mesh(spec)
         if mesh.shape["expert"] == 1:
             continue
-        ws = S.logical_to_spec(("experts", "expert_embed", "expert_mlp"), S.DEFAULT_RULES, mesh)
-        put = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in ((wg, ws), (wu, ws), (wd, P(ws[0], ws[2], ws[1])))]
+        ws = S.logical_to_spec(("experts", "expert_embed", "expert_mlp"), S.DEFAULT_RULES, mesh)  # down [E, H, I]
+        gs = P(ws[0], ws[2], ws[1])  # gate/up [E, I, H]
+        put = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in ((wg, gs), (wu, gs), (wd, ws))]
         with S.activate(mesh):
             txt = jax.jit(EP.expert_ffn_ep).lower(x, idx, w, *put).compile().as_text()
         gathers = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", txt)

@@ -82,8 +82,8 @@ def test_released_thinker_text_parameter_count():
     assert text_params == expected == 30_532_646_912
     layer0 = thinker.model.layers[0]
     assert layer0.self_attn.q_proj.kernel.shape == (2048, 4096)
-    assert layer0.mlp.experts.gate_proj.shape == (128, 2048, 768)
-    assert layer0.mlp.experts.down_proj.shape == (128, 768, 2048)
+    assert layer0.mlp.experts.gate_proj.shape == (128, 768, 2048)  # torch Linear layout [out, in] per expert
+    assert layer0.mlp.experts.down_proj.shape == (128, 2048, 768)
 
 
 def test_frozen_and_hashable():

@@ -15,8 +15,8 @@ def _inputs(n=13, h=24, i=10, e=6, k=3, seed=0):
     x = r.randn(n, h).astype(np.float32)
     idx = np.stack([r.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
     w = r.rand(n, k).astype(np.float32)
-    wg, wu = r.randn(e, h, i).astype(np.float32) * 0.3, r.randn(e, h, i).astype(np.float32) * 0.3
-    wd = r.randn(e, i, h).astype(np.float32) * 0.3
+    wg, wu = r.randn(e, i, h).astype(np.float32) * 0.3, r.randn(e, i, h).astype(np.float32) * 0.3  # [out, in]
+    wd = r.randn(e, h, i).astype(np.float32) * 0.3
     return x, idx, w, wg, wu, wd
 
 
@@ -25,8 +25,8 @@ def _loop(x, idx, w, wg, wu, wd):
     for t in range(x.shape[0]):
         for j in range(idx.shape[1]):
             e = idx[t, j]
-            g, u = x[t] @ wg[e], x[t] @ wu[e]
-            out[t] += w[t, j] * ((g / (1 + np.exp(-g)) * u) @ wd[e])
+            g, u = wg[e] @ x[t], wu[e] @ x[t]
+            out[t] += w[t, j] * (wd[e] @ (g / (1 + np.exp(-g)) * u))
     return out
 
 
@@ -73,9 +73,10 @@ def test_bucketed_every_capacity_level_and_the_fallback():
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=f"largest group {largest}")
 
 
-def test_auto_picks_in_place_slices_for_decode_and_grouped_for_prefill():
-    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="cpu") == "slices"
-    assert api.choose_impl(num_tokens=16, top_k=8, num_experts=128, backend="cpu") == "gather"  # too many to unroll
+def test_auto_picks_selected_experts_for_decode_and_grouped_for_prefill():
+    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="cpu") == "gather"
+    assert api.choose_impl(num_tokens=16, top_k=8, num_experts=128, backend="cpu") == "gather"
+    assert api.choose_impl(num_tokens=17, top_k=8, num_experts=128, backend="cpu") == "bucketed"
     assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="gpu") == "gather"
     assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="tpu") == "sorted"
     assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="cpu") == "bucketed"

@@ -171,7 +171,7 @@ def test_create_sharded_equals_one_device(eight):
     """An MoE block created directly at its expert x tensor shardings equals its one-device compiled creation."""
     for name, r in eight["create"].items():
         assert r["equal"] and r["spec"] == r["rule_spec"], (name, r)
-    assert eight["create"]["experts.gate_proj"]["spec"] == "P('expert', None, 'tensor')"
+    assert eight["create"]["experts.gate_proj"]["spec"] == "P('expert', 'tensor', None)"
 
 
 def test_generate_with_mesh_gives_same_tokens(eight):
@@ -183,7 +183,7 @@ def test_generate_with_mesh_gives_same_tokens(eight):
     assert len(want) == 6
     for key in ("expert=8", "orbax|expert=4,tensor=2"):
         assert g[key] == want, key
-    assert g["orbax_expert_sharding"] == "P('expert', None, 'tensor')"
+    assert g["orbax_expert_sharding"] == "P('expert', 'tensor', None)"  # gate_proj [E, I, H]
 
 
 def test_speak_with_mesh_gives_same_speech(eight):

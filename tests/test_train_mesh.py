@@ -58,7 +58,7 @@ def test_mesh_losses_equal_single_device(eight):
 def test_parameters_and_optimizer_state_are_sharded(eight):
     """The run cannot pass by running replicated: expert weights (and their Adam moments) are split over the
     `expert` axis, or over fsdp x tensor on the FSDP mesh; the batch is split over `data`."""
-    want = {"data=2,expert=4": "P('expert', None, None)", "fsdp=4,tensor=2": "P(None, 'fsdp', 'tensor')",
+    want = {"data=2,expert=4": "P('expert', None, None)", "fsdp=4,tensor=2": "P(None, 'tensor', 'fsdp')",
             "expert=8": "P('expert', None, None)"}
     for spec, expert in want.items():
         r = eight[spec]

@@ -125,7 +125,8 @@ def decoder_rules(hf_root: str, ours_root: str) -> list[Rule]:
         Rule(f"{h}.self_attn.q_norm.weight", f"{o}.self_attn.q_norm.weight"),
         Rule(f"{h}.self_attn.k_norm.weight", f"{o}.self_attn.k_norm.weight"),
         Rule(f"{h}.mlp.gate.weight", f"{o}.mlp.gate.kernel", "T"),
-        Rule(f"{h}.mlp.experts.{{e:\\d+}}.{{p:gate_proj|up_proj|down_proj}}.weight", f"{o}.mlp.experts.{{p}}", "T"),
+        # experts keep torch's [out, in] layout (stacked along axis 0): no transpose
+        Rule(f"{h}.mlp.experts.{{e:\\d+}}.{{p:gate_proj|up_proj|down_proj}}.weight", f"{o}.mlp.experts.{{p}}"),
         Rule(f"{h}.mlp.shared_expert.{{p:gate_proj|up_proj|down_proj}}.weight",
              f"{o}.mlp.shared_expert.{{p}}.kernel", "T"),
         Rule(f"{h}.mlp.shared_expert_gate.weight", f"{o}.mlp.shared_expert_gate.kernel", "T"),

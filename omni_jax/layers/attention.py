@@ -11,11 +11,20 @@ from omni_jax.layers.core import Linear, RMSNorm
 from omni_jax.layers.rope import apply_rope
 
 
-def write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-    """cache [B, S, KV, D], new [B, T, KV, D], start int [B]: cache[b, start[b]:start[b]+T] = new[b]."""
+def write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray | None) -> jnp.ndarray:
+    """cache [B, S, KV, D], new [B, T, KV, D], start int [B] (None: 0 for every row):
+    cache[b, start[b]:start[b]+T] = new[b].
+
+    One shared offset (prefill, or a batch of one) is a single dynamic-update-slice, which XLA applies in place;
+    per-row offsets become a scatter (on CPU that costs two copies of the cache per layer and step)."""
+    new = new.astype(cache.dtype)
+    if start is None:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, 0))
+    if cache.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(cache, new, (0, start[0], 0, 0))
 
     def one(c, n, s):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+        return jax.lax.dynamic_update_slice(c, n, (s, 0, 0))
 
     return jax.vmap(one)(cache, new, start)
 
@@ -54,8 +63,7 @@ class Attention(nnx.Module):
         keys, values = k, v
         if cache is not None:
             ck, cv = cache
-            start = jnp.zeros((b,), jnp.int32) if cache_start is None else cache_start
-            ck, cv = write_cache(ck, k, start), write_cache(cv, v, start)
+            ck, cv = write_cache(ck, k, cache_start), write_cache(cv, v, cache_start)
             new_cache = (ck, cv)
             if cache_start is not None:
                 keys, values = ck.astype(x.dtype), cv.astype(x.dtype)

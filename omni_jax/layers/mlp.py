@@ -39,12 +39,14 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """Stacked expert weights: gate/up [E, H, I], down [E, I, H]."""
+    """Stacked expert weights in torch's Linear layout [out, in] per expert (as the checkpoints hold them):
+    gate/up [E, I, H], down [E, H, I]. A decode step's matrix-vector products then read contiguous weight rows
+    (kernels/moe/ref.py, docs/PERFORMANCE.md)."""
 
     def __init__(self, num_experts: int, hidden: int, inner: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.gate_proj = param(rngs, (num_experts, hidden, inner), ("experts", "expert_embed", "expert_mlp"), dtype)
-        self.up_proj = param(rngs, (num_experts, hidden, inner), ("experts", "expert_embed", "expert_mlp"), dtype)
-        self.down_proj = param(rngs, (num_experts, inner, hidden), ("experts", "expert_mlp", "expert_embed"), dtype)
+        self.gate_proj = param(rngs, (num_experts, inner, hidden), ("experts", "expert_mlp", "expert_embed"), dtype)
+        self.up_proj = param(rngs, (num_experts, inner, hidden), ("experts", "expert_mlp", "expert_embed"), dtype)
+        self.down_proj = param(rngs, (num_experts, hidden, inner), ("experts", "expert_embed", "expert_mlp"), dtype)
 
     def __call__(self, x, idx, weights, impl: str = "auto"):
         return expert_ffn(x, idx, weights, self.gate_proj[...], self.up_proj[...], self.down_proj[...], impl=impl)

@@ -80,15 +80,21 @@ class Layout:
     """Which mesh axes split what inside the shard_map."""
 
     token_axes: tuple[str, ...]  # the token dim (batch axes of the rules, plus `expert`)
-    weight_spec: P  # expert weights [E, H, I] as the rules place them
+    weight_spec: P  # the rules' placement of logical [experts, expert_embed, expert_mlp]
     gather_h: tuple[str, ...]  # hidden-dim shards all-gathered inside (FSDP)
     gather_i: tuple[str, ...]  # MLP-dim shards all-gathered inside (when those axes also split tokens)
     reduce_i: tuple[str, ...]  # MLP-dim shards kept (tensor parallel): partial outputs psum-ed
 
     @property
-    def down_spec(self) -> P:
+    def gate_spec(self) -> P:
+        """gate/up weights [E, I, H]."""
         e, h, i = self.weight_spec
         return P(e, i, h)
+
+    @property
+    def down_spec(self) -> P:
+        """down weights [E, H, I]."""
+        return self.weight_spec
 
 
 def layout(mesh, rules, num_experts: int) -> Layout:
@@ -154,14 +160,14 @@ def _ep_body(x, idx, weights, w_gate, w_up, w_down, *, lay: Layout, ep: int, num
     e_local = num_experts // ep
     hdim = x.shape[1]
     with jax.named_scope("ep_gather_weights"):
-        for a in lay.gather_h:
-            w_gate = jax.lax.all_gather(w_gate, a, axis=1, tiled=True)
-            w_up = jax.lax.all_gather(w_up, a, axis=1, tiled=True)
-            w_down = jax.lax.all_gather(w_down, a, axis=2, tiled=True)
-        for a in lay.gather_i:
+        for a in lay.gather_h:  # gate/up [E, I, H], down [E, H, I]
             w_gate = jax.lax.all_gather(w_gate, a, axis=2, tiled=True)
             w_up = jax.lax.all_gather(w_up, a, axis=2, tiled=True)
             w_down = jax.lax.all_gather(w_down, a, axis=1, tiled=True)
+        for a in lay.gather_i:
+            w_gate = jax.lax.all_gather(w_gate, a, axis=1, tiled=True)
+            w_up = jax.lax.all_gather(w_up, a, axis=1, tiled=True)
+            w_down = jax.lax.all_gather(w_down, a, axis=2, tiled=True)
 
     with jax.named_scope("ep_route"):
         flat_e = idx.reshape(-1)  # [M]; padding rows carry the sentinel `num_experts`
@@ -230,8 +236,8 @@ def _ep_body(x, idx, weights, w_gate, w_up, w_down, *, lay: Layout, ep: int, num
 
 def expert_ffn_ep(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", mesh=None, rules=None,
                   capacity_factor: float | None = None, transport: str | None = None, return_stats: bool = False):
-    """Expert-parallel `expert_ffn`: x [N, H], idx int [N, K], weights [N, K], w_gate/w_up [E, H, I],
-    w_down [E, I, H] -> y [N, H] (and with return_stats, {"tokens_per_expert": int[E], "dropped": int[]}).
+    """Expert-parallel `expert_ffn`: x [N, H], idx int [N, K], weights [N, K], w_gate/w_up [E, I, H],
+    w_down [E, H, I] -> y [N, H] (and with return_stats, {"tokens_per_expert": int[E], "dropped": int[]}).
 
     mesh / rules default to the active ones (omni_jax.sharding.activate); capacity_factor / transport default
     to `options(...)`. impl: the local grouped-matmul implementation (kernels.moe IMPLS or "auto").
@@ -262,7 +268,7 @@ def expert_ffn_ep(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", 
     tok = P(lay.token_axes, None)
     body = jax.shard_map(
         lambda *a: _ep_body(*a, lay=lay, ep=ep, num_experts=num_experts, cap=cap, transport=transport, impl=impl),
-        mesh=mesh, in_specs=(tok, tok, tok, lay.weight_spec, lay.weight_spec, lay.down_spec),
+        mesh=mesh, in_specs=(tok, tok, tok, lay.gate_spec, lay.gate_spec, lay.down_spec),
         out_specs=(tok, {"tokens_per_expert": P(), "dropped": P()}))
     with jax.named_scope("moe_expert_parallel"):
         y, stats = body(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)

@@ -11,11 +11,15 @@
   levels (`lax.switch`) as the smallest that holds the largest group; a group too large for every level runs the
   tiled path. Exact (no token is dropped); the CPU/GPU prefill path.
 - `expert_ffn_slices`: per token copy, the selected expert's weights read in place (`dynamic_index_in_dim`), no
-  gathered copy of them; unrolled over the few copies of decode (XLA reads the slice inside the dot).
-- `expert_ffn_gather`: gathers only the selected experts' weights per token (decode: few tokens, reads k experts).
+  gathered copy of them; unrolled over the few copies of a decode step.
+- `expert_ffn_gather`: gathers only the selected experts' weights per token, gate and up stacked into one
+  buffer, then two batched matrix-vector products whose contraction runs along the weights' contiguous (minor)
+  dimension (the decode path: one gather and two dots per layer, whatever top-k is).
 - `expert_ffn_dense`: every expert on every token, masked combine. Test oracle only.
 
-Shapes: x [N, H]; idx int [N, K]; weights [N, K] (activation dtype); w_gate, w_up [E, H, I]; w_down [E, I, H].
+Shapes: x [N, H]; idx int [N, K]; weights [N, K] (activation dtype); w_gate, w_up [E, I, H]; w_down [E, H, I]
+(torch's Linear layout [out, in] per expert, as the checkpoints store them: a token's matrix-vector products read
+each weight row contiguously, which is what makes decode fast on CPU; grouped matmuls contract the minor dim).
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ def _combine(per_copy, weights, n, k):
     return jnp.sum(per_copy * weights[..., None].astype(per_copy.dtype), axis=1)
 
 
+_RAGGED_NT = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def _ragged_nt(lhs, rhs, group_sizes):
+    """Grouped matmul lhs [M, K] (rows grouped) x rhs [G, N, K] (contracting rhs's minor dim) -> [M, N]."""
+    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, _RAGGED_NT)
+
+
 def expert_ffn_sorted(x, idx, weights, w_gate, w_up, w_down):
     n, k = idx.shape
     e = w_gate.shape[0]
@@ -37,24 +50,26 @@ def expert_ffn_sorted(x, idx, weights, w_gate, w_up, w_down):
     order = jnp.argsort(flat_idx, stable=True)
     tokens = jnp.repeat(x, k, axis=0)[order]  # [N*K, H], grouped by expert
     group_sizes = jnp.bincount(flat_idx, length=e).astype(jnp.int32)
-    g = jax.lax.ragged_dot(tokens, w_gate.astype(x.dtype), group_sizes)
-    u = jax.lax.ragged_dot(tokens, w_up.astype(x.dtype), group_sizes)
+    g = _ragged_nt(tokens, w_gate.astype(x.dtype), group_sizes)
+    u = _ragged_nt(tokens, w_up.astype(x.dtype), group_sizes)
     h = jax.nn.silu(g) * u
-    out_sorted = jax.lax.ragged_dot(h, w_down.astype(x.dtype), group_sizes)
+    out_sorted = _ragged_nt(h, w_down.astype(x.dtype), group_sizes)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
     return _combine(out, weights, n, k)
 
 
 def expert_ffn_gather(x, idx, weights, w_gate, w_up, w_down):
     n, k = idx.shape
-    wg = w_gate[idx].astype(x.dtype)  # [N, K, H, I]
-    wu = w_up[idx].astype(x.dtype)
-    wd = w_down[idx].astype(x.dtype)  # [N, K, I, H]
-    g = jnp.einsum("NH,NKHI->NKI", x, wg)
-    u = jnp.einsum("NH,NKHI->NKI", x, wu)
-    h = jax.nn.silu(g) * u
-    out = jnp.einsum("NKI,NKIH->NKH", h, wd)
+    gu = jnp.stack([w_gate[idx], w_up[idx]], axis=2).astype(x.dtype)  # [N, K, 2, I, H]: one gather buffer
+    gu = jnp.einsum("NKTIH,NH->NKTI", gu, x)
+    h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+    out = jnp.einsum("NKHI,NKI->NKH", w_down[idx].astype(x.dtype), h)
     return jnp.sum(out * weights[..., None].astype(out.dtype), axis=1)
+
+
+def _nt(a, w):
+    """a [M, K] x w [N, K] (torch Linear layout) -> [M, N]."""
+    return jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())))
 
 
 def expert_ffn_slices(x, idx, weights, w_gate, w_up, w_down):
@@ -65,9 +80,9 @@ def expert_ffn_slices(x, idx, weights, w_gate, w_up, w_down):
         acc = None
         for j in range(k):
             e = idx[i, j]
-            g = xi @ jax.lax.dynamic_index_in_dim(w_gate, e, keepdims=False).astype(x.dtype)
-            u = xi @ jax.lax.dynamic_index_in_dim(w_up, e, keepdims=False).astype(x.dtype)
-            y = (jax.nn.silu(g) * u) @ jax.lax.dynamic_index_in_dim(w_down, e, keepdims=False).astype(x.dtype)
+            g = _nt(xi, jax.lax.dynamic_index_in_dim(w_gate, e, keepdims=False).astype(x.dtype))
+            u = _nt(xi, jax.lax.dynamic_index_in_dim(w_up, e, keepdims=False).astype(x.dtype))
+            y = _nt(jax.nn.silu(g) * u, jax.lax.dynamic_index_in_dim(w_down, e, keepdims=False).astype(x.dtype))
             y = y * weights[i, j].astype(y.dtype)
             acc = y if acc is None else acc + y
         rows.append(acc)
@@ -76,9 +91,9 @@ def expert_ffn_slices(x, idx, weights, w_gate, w_up, w_down):
 
 def expert_ffn_dense(x, idx, weights, w_gate, w_up, w_down):
     e = w_gate.shape[0]
-    g = jnp.einsum("NH,EHI->NEI", x, w_gate.astype(x.dtype))
-    u = jnp.einsum("NH,EHI->NEI", x, w_up.astype(x.dtype))
-    out = jnp.einsum("NEI,EIH->NEH", jax.nn.silu(g) * u, w_down.astype(x.dtype))  # [N, E, H]
+    g = jnp.einsum("NH,EIH->NEI", x, w_gate.astype(x.dtype))
+    u = jnp.einsum("NH,EIH->NEI", x, w_up.astype(x.dtype))
+    out = jnp.einsum("NEI,EHI->NEH", jax.nn.silu(g) * u, w_down.astype(x.dtype))  # [N, E, H]
     sel = jnp.take_along_axis(out, idx[..., None], axis=1)  # [N, K, H]
     del e
     return jnp.sum(sel * weights[..., None].astype(sel.dtype), axis=1)
@@ -116,9 +131,9 @@ def expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, tile: int | None = N
         # One tile, one expert: index the expert's weights in place (no [tiles, H, I] gather is materialised;
         # XLA CPU runs batched matmuls over gathered weights far slower than this loop).
         xx, ex = args
-        g = xx @ w_gate[ex].astype(x.dtype)
-        u = xx @ w_up[ex].astype(x.dtype)
-        return (jax.nn.silu(g) * u) @ w_down[ex].astype(x.dtype)
+        g = _nt(xx, w_gate[ex].astype(x.dtype))
+        u = _nt(xx, w_up[ex].astype(x.dtype))
+        return _nt(jax.nn.silu(g) * u, w_down[ex].astype(x.dtype))
 
     out = jax.lax.map(tile_ffn, (xt, tile_e))
     out_sorted = out.reshape(num_tiles * t, -1)[row]
@@ -158,9 +173,10 @@ def expert_ffn_bucketed(x, idx, weights, w_gate, w_up, w_down, levels: tuple[int
             dest = sorted_e * cap + slot
             buf = jnp.zeros((e * cap, x.shape[1]), x.dtype).at[dest].set(x[token])
             xb = buf.reshape(e, cap, -1)
-            g = jnp.einsum("ECH,EHI->ECI", xb, w_gate.astype(x.dtype))
-            u = jnp.einsum("ECH,EHI->ECI", xb, w_up.astype(x.dtype))
-            y = jnp.einsum("ECI,EIH->ECH", jax.nn.silu(g) * u, w_down.astype(x.dtype)).reshape(e * cap, -1)
+            # weights on the left (W @ X^T per expert, [E, I, C]): on XLA:CPU ~25% faster than X @ W^T
+            g = jnp.einsum("EIH,ECH->EIC", w_gate.astype(x.dtype), xb)
+            u = jnp.einsum("EIH,ECH->EIC", w_up.astype(x.dtype), xb)
+            y = jnp.einsum("EHI,EIC->ECH", w_down.astype(x.dtype), jax.nn.silu(g) * u).reshape(e * cap, -1)
             return jnp.zeros((m, x.shape[1]), x.dtype).at[order].set(y[dest])
         return run
 
