@@ -64,6 +64,16 @@ def test_orbax_round_trip(tiny_hf_dir, tmp_path):
     thinker_only, _ = orbax_io.load_orbax(str(tmp_path / "orb"), parts=("thinker",))
     assert thinker_only.talker is None
 
+    # A checkpoint from before the expert layout change (no layout version: experts [E, in, out]) is refused
+    # by name rather than loaded into wrongly oriented weights.
+    meta_path = tmp_path / "orb" / orbax_io.META
+    meta = json.loads(meta_path.read_text())
+    assert meta["param_layout"] == orbax_io.PARAM_LAYOUT
+    del meta["param_layout"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"parameter layout 1 \(expert weights \[E, in, out\]\)"):
+        orbax_io.load_orbax(str(tmp_path / "orb"))
+
 
 def test_thinker_only_directory_loads_without_talker(tiny_hf_dir_factory):
     path = tiny_hf_dir_factory("a", "v5", False)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from omni_jax.checkpoint.assign import CheckpointError
 from omni_jax.config import ConfigError
 from omni_jax.train import data as D
 from omni_jax.train import events
@@ -100,6 +101,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert sorted(int(x) for x in os.listdir(os.path.join(term, "checkpoints")) if x.isdigit())[-1] == 2
     L.train(os.path.join(REPO, "configs/toy.py:quick"), term, common, progress=False)
     assert [(m["step"], m["loss"], m["grad_norm"]) for m in _metrics(term) if "loss" in m] == a
+
+    # Checkpoints of an older parameter layout (no layout marker) are refused with a clear error, not resumed.
+    os.remove(os.path.join(term, "checkpoints", "omni_jax_layout.json"))
+    with pytest.raises(CheckpointError, match="parameter layout 1"):
+        L.train(os.path.join(REPO, "configs/toy.py:quick"), term, [*common, "--config.train.steps=8"], progress=False)
 
 
 def test_bf16_compute_keeps_fp32_master_weights(tmp_path):

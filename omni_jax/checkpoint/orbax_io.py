@@ -21,6 +21,21 @@ from omni_jax.models.omni import OmniModel
 
 PARAMS = "params"
 META = "omni_jax.json"
+# Parameter layout of omni_jax's Orbax checkpoints (converted directories and training checkpoints).
+# 1: expert weights [E, in, out] (until 2026-11-28); 2: [E, out, in], torch's Linear layout (gate/up [E, I, H],
+# down [E, H, I]). A layout-1 checkpoint can have the same shapes (square experts), so it is refused by version.
+PARAM_LAYOUT = 2
+
+
+def check_layout(found, where: str):
+    """Refuse a checkpoint written with another parameter layout (a clear error instead of wrong weights)."""
+    found = 1 if found is None else int(found)
+    if found != PARAM_LAYOUT:
+        raise CheckpointError(
+            f"{where} was written by an omni_jax with parameter layout {found} (expert weights [E, in, out]); "
+            f"this version uses layout {PARAM_LAYOUT} ([E, out, in], as the HF checkpoints). Convert the HF "
+            f"directory again (omni-jax convert --to orbax), or export the old checkpoint to HF with the omni_jax "
+            f"that wrote it; training workdirs must start afresh")
 
 
 def is_orbax_dir(path: str) -> bool:
@@ -40,7 +55,8 @@ def save_orbax(model: OmniModel, cfg: OmniConfig, out: str, *, copy_from: str | 
         json.dump(cfg.to_hf(), f, indent=2)
     dtype = str(jax.tree.leaves(state)[0].dtype)
     with open(os.path.join(out, META), "w") as f:
-        json.dump({"format": "omni_jax-orbax", "parts": list(model.parts), "param_dtype": dtype}, f)
+        json.dump({"format": "omni_jax-orbax", "parts": list(model.parts), "param_dtype": dtype,
+                   "param_layout": PARAM_LAYOUT}, f)
     if copy_from:
         from omni_jax.checkpoint.hf import SIDE_FILES
 
@@ -60,6 +76,7 @@ def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None, m
         raise CheckpointError(f"{path} is not an omni_jax Orbax checkpoint (no {PARAMS}/ and {META})")
     with open(os.path.join(path, META)) as f:
         meta = json.load(f)
+    check_layout(meta.get("param_layout"), path)
     cfg = OmniConfig.from_hf(os.path.join(path, "config.json"))
     saved_parts = tuple(meta["parts"])
     parts = saved_parts if parts is None else tuple(parts)

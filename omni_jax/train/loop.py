@@ -415,7 +415,15 @@ class Trainer:
                                             enable_async_checkpointing=self.tc.async_checkpoint)
         return ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=opts)
 
+    def _layout_file(self) -> str:
+        return os.path.join(self.workdir, "checkpoints", "omni_jax_layout.json")
+
     def _save(self, mngr, step: int, data_it, force: bool = False):
+        from omni_jax.checkpoint.orbax_io import PARAM_LAYOUT
+
+        if not os.path.exists(self._layout_file()):
+            with open(self._layout_file(), "w") as f:
+                json.dump({"param_layout": PARAM_LAYOUT}, f)
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
                                                 data=ocp.args.JsonSave(data_it.state())), force=force)
 
@@ -423,6 +431,13 @@ class Trainer:
         step = mngr.latest_step()
         if step is None:
             return 0
+        from omni_jax.checkpoint.orbax_io import check_layout
+
+        found = None
+        if os.path.exists(self._layout_file()):
+            with open(self._layout_file()) as f:
+                found = json.load(f).get("param_layout")
+        check_layout(found, f"the checkpoints in {mngr.directory}")
         # Shapes, dtypes and shardings of the current (already placed) state: under a mesh every array is read
         # straight onto its shards, whatever mesh wrote the checkpoint.
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)

@@ -31,11 +31,11 @@ IMPLS = {"sorted": expert_ffn_sorted, "tiled": expert_ffn_tiled, "bucketed": exp
 
 def choose_impl(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
     """Decode (token copies no more than the experts) reads only the selected experts: `gather` (one gather of
-    their gate/up rows, two batched matrix-vector products; on CPU 1.16-1.36x faster than the unrolled
-    in-place `slices` when routing spreads over more expert weights than fit in cache, equal when they fit; on an H200 0.37 ms
-    vs 0.63 ms at the released width). Prefill/training: grouped matmul, `ragged_dot` on TPU (native grouped
-    matmul); elsewhere capacity buckets (XLA's CPU/GPU `ragged_dot` is dense over all experts: 24x slower on an
-    H200). Figures: docs/PERFORMANCE.md."""
+    their gate/up rows, two batched matrix-vector products; on CPU 1.16-1.36x faster than the unrolled in-place
+    `slices` when routing spreads over more expert weights than fit in cache, equal when they fit; on an H200
+    0.37 ms vs 0.63 ms at the released width). Prefill/training: grouped matmul, `ragged_dot` on TPU (native
+    grouped matmul); elsewhere capacity buckets (XLA's CPU/GPU `ragged_dot` is dense over all experts: 24x slower
+    on an H200). Figures: docs/PERFORMANCE.md."""
     copies = num_tokens * top_k
     backend = backend or jax.default_backend()
     if copies <= num_experts:
