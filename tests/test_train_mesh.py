@@ -86,15 +86,23 @@ def test_cli_mesh_export_and_resume_on_mesh(eight):
 
 
 def test_talker_training_on_mesh(eight):
-    """train.task=talker (configs/toy.py:talker, 3 steps, thinker frozen) on data=2,expert=4 vs one device:
-    per-step total loss, talker_ce and mtp_ce within 1e-6 relative (measured <= 2.6e-7), with the talker's
-    expert weights and their Adam moments split over `expert`, the talker batch split over `data` on its
-    example dim, and both talker MoE layers traced expert-parallel."""
+    """train.task=talker (configs/toy.py:talker, 4 steps, thinker frozen) on data=2,expert=4 vs one device, the
+    mesh run stopped after step 2 and resumed from its Orbax checkpoint in a new Trainer: per-step total loss,
+    talker_ce and mtp_ce within 1e-6 relative (measured <= 3.7e-7), eval losses after step 4 within 1e-6
+    (measured <= 3.3e-7) and eval accuracies equal, the talker's expert weights and their Adam moments split
+    over `expert`, the talker batch split over `data` on its example dim, and the talker MoE layers traced
+    expert-parallel."""
     ref, r = eight["talker"]["none"], eight["talker"]["data=2,expert=4"]
-    assert ref["step"] == r["step"] == [1, 2, 3]
+    assert ref["step"] == r["step"] == [1, 2, 3, 4]
+    assert ref["status"] == r["status"] == "done"
     assert ref["talker_ce"][-1] < ref["talker_ce"][0]  # it trains
     for key in ("loss", "talker_ce", "mtp_ce"):
         assert _rel(r[key], ref[key]) <= 1e-6, (key, r[key], ref[key])
+    assert ref["eval"]["eval_examples"] == r["eval"]["eval_examples"] > 0
+    for key in ("eval_loss", "eval_mtp_loss"):
+        assert _rel(r["eval"][key], ref["eval"][key]) <= 1e-6, (key, r["eval"], ref["eval"])
+    for key in ("eval_c0_accuracy", "eval_code_accuracy", "eval_frame_accuracy", "eval_exact_match"):
+        assert r["eval"][key] == ref["eval"][key], (key, r["eval"], ref["eval"])
     assert r["expert"] == r["expert_mu"] == "P('expert', None, None)" and r["num_devices"] == 8, r
     assert r["batch_spec"] == {"positions": "P(None, 'data')", "talker_positions": "P('data',)",
                                "codec_codes": "P('data',)"}, r["batch_spec"]

@@ -8,8 +8,9 @@ that they add no optimizer state), 4 steps with a router z-loss, on one device a
 "data=2,expert=4" (Trainer API, with eval and export), "fsdp=4,tensor=2" (`omni-jax train --mesh --rules --init-from`)
 and "expert=8" (parameters created on their shards; 2 steps, then a new Trainer resumes the Orbax checkpoint
 onto the mesh shardings for steps 3-4); then the single-device run's step-2 checkpoint is resumed on expert=8.
-Last, talker training (configs/toy.py:talker shrunk to 3 steps, thinker frozen) on one device and on
-"data=2,expert=4" (`python tests/train_8dev.py WORKDIR talker` runs only that section).
+Last, talker training (configs/toy.py:talker shrunk to 4 steps, thinker frozen) on one device and on
+"data=2,expert=4" (stopped after step 2 and resumed in a new Trainer), with eval on both
+(`python tests/train_8dev.py WORKDIR talker` runs only that section).
 The assertions live in test_train_mesh.py.
 """
 
@@ -43,9 +44,9 @@ OVERRIDES = ["--config.toy.tasks=text", "--config.data.audio_slots=0", "--config
 EXPERT = ("thinker", "model", "layers", 0, "mlp", "experts", "gate_proj")
 EMBED = ("thinker", "model", "embed_tokens", "embedding")
 TALKER_CONFIG = os.path.join(REPO, "configs/toy.py:talker")
-TALKER_OVERRIDES = ["--config.train.steps=3", "--config.optim.total_steps=3", "--config.optim.warmup_steps=1",
+TALKER_OVERRIDES = ["--config.train.steps=4", "--config.optim.total_steps=4", "--config.optim.warmup_steps=1",
                     "--config.toy.n_train=24", "--config.toy.n_eval=4", "--config.data.batch_size=4",
-                    "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.ckpt_every=0",
+                    "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.ckpt_every=2",
                     "--config.train.export=false", "--config.train.async_checkpoint=false"]
 TALKER_EXPERT = ("talker", "model", "layers", 0, "mlp", "experts", "gate_proj")
 
@@ -106,14 +107,17 @@ def _no_eval(tr):
 
 
 def talker(root: str) -> dict:
-    """train.task=talker, 3 steps on one device and on data=2,expert=4 (parameters created on their shards from
-    the same seed): per-step total / talker_ce / mtp_ce, the talker expert weight's (and its Adam moment's)
-    sharding, and how many MoE layers were traced expert-parallel."""
+    """train.task=talker, 4 steps on one device and on data=2,expert=4 (parameters created on their shards from
+    the same seed; the mesh run stops after step 2 and a new Trainer resumes its checkpoint for steps 3-4):
+    per-step total / talker_ce / mtp_ce, the eval metrics after step 4, the talker expert weight's (and its Adam
+    moment's) sharding, and how many MoE layers were traced expert-parallel."""
     out, _ = {}, _ep_traces()  # drop the count of earlier sections
     for name, mesh in (("none", None), ("data=2,expert=4", "data=2,expert=4")):
         wd = os.path.join(root, "talker_" + name.replace("=", "").replace(",", "_"))
-        tr = _no_eval(L.Trainer(L.apply_overrides(L.load_config_file(TALKER_CONFIG), TALKER_OVERRIDES), wd,
-                                mesh=mesh, progress=False))
+        def cfg(*extra):  # a fresh config each time (overrides edit it in place)
+            return L.apply_overrides(L.load_config_file(TALKER_CONFIG), [*TALKER_OVERRIDES, *extra])
+
+        tr = L.Trainer(cfg() if mesh is None else cfg("--config.train.steps=2"), wd, mesh=mesh, progress=False)
         w = _get(tr.state["params"], TALKER_EXPERT)
         mu = _get(tr.state["opt_state"][1][0].mu, TALKER_EXPERT)
         r = {"expert": str(getattr(w.sharding, "spec", None)), "expert_mu": str(getattr(mu.sharding, "spec", None)),
@@ -121,10 +125,13 @@ def talker(root: str) -> dict:
         if mesh is not None:
             r["batch_spec"] = {k: str(v.spec) for k, v in tr.shardings["batch"].items()
                                if k in ("talker_positions", "codec_codes", "positions")}
-        tr.run()
+        res = tr.run()
+        if mesh is not None:  # resume the step-2 checkpoint in a new Trainer on the same mesh
+            tr = L.Trainer(cfg(), wd, mesh=mesh, progress=False)
+            res = tr.run()
         rows = [x for x in _rows(wd) if "talker_ce" in x]
         r.update(step=[x["step"] for x in rows], **{k: [x[k] for x in rows] for k in ("loss", "talker_ce", "mtp_ce")},
-                 ep_traces=_ep_traces())
+                 status=res["status"], eval=tr.evaluate(), ep_traces=_ep_traces())
         out[name] = r
     return out
 
