@@ -90,12 +90,10 @@ def expert_ffn_slices(x, idx, weights, w_gate, w_up, w_down):
 
 
 def expert_ffn_dense(x, idx, weights, w_gate, w_up, w_down):
-    e = w_gate.shape[0]
     g = jnp.einsum("NH,EIH->NEI", x, w_gate.astype(x.dtype))
     u = jnp.einsum("NH,EIH->NEI", x, w_up.astype(x.dtype))
     out = jnp.einsum("NEI,EHI->NEH", jax.nn.silu(g) * u, w_down.astype(x.dtype))  # [N, E, H]
     sel = jnp.take_along_axis(out, idx[..., None], axis=1)  # [N, K, H]
-    del e
     return jnp.sum(sel * weights[..., None].astype(sel.dtype), axis=1)
 
 
