@@ -144,12 +144,13 @@ def _default_transport() -> str:
 
 def _local_ffn(x, e_local, valid, w_gate, w_up, w_down, impl):
     """Received rows x [R, H] with local expert ids [R] -> per-row expert output [R, H] (invalid rows: 0)."""
-    from omni_jax.kernels.moe.api import IMPLS, choose_impl
+    from omni_jax.kernels.moe.api import IMPLS, SKIPS_SENTINEL, choose_impl
 
     num_local = w_gate.shape[0]
     if impl == "auto":
         impl = choose_impl(x.shape[0], 1, num_local)
-    ids = jnp.where(valid, e_local, 0)[:, None]
+    # Empty rows: the sentinel id where the implementation skips it, else expert 0 with weight 0.
+    ids = jnp.where(valid, e_local, num_local if impl in SKIPS_SENTINEL else 0)[:, None]
     return IMPLS[impl](x, ids, valid.astype(x.dtype)[:, None], w_gate, w_up, w_down)
 
 
