@@ -68,15 +68,15 @@ def test_auto_follows_the_mesh_platform_and_rejects_other_kernels():
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    assert platform.target_platform() == "cpu"
+    assert platform.platform_of() == "cpu"
     mesh = jax.sharding.Mesh(np.array(topo.devices), ("data",))
     with jax.set_mesh(mesh):
-        assert platform.target_platform() == "tpu"
+        assert platform.platform_of() == "tpu"
         assert api.choose_impl(4, 2, 8) == "megablox" and api.choose_impl(64, 2, 8) == "megablox"
         with pytest.raises(api.MoEImplError, match="'fused_decode' is a GPU kernel and cannot run on tpu; "
                                                    "available: auto, bucketed, dense, gather, megablox"):
             api.check_impl("fused_decode")
-    with platform.target("gpu"):
+    with platform.target_platform("gpu"):
         assert api.choose_impl(4, 2, 8) == "fused_decode" and api.choose_impl(64, 2, 8) == "triton_gmm"
         with pytest.raises(api.MoEImplError, match="'megablox' is a TPU kernel"):
             api.check_impl("megablox")
@@ -187,7 +187,7 @@ def test_gpu_lowered_kernels_read_weights_in_place(impl):
             jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((e, i, h), jnp.float32),
             jax.ShapeDtypeStruct((e, i, h), jnp.float32), jax.ShapeDtypeStruct((e, h, i), jnp.float32))
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with platform.target("gpu"):
+    with platform.target_platform("gpu"):
         f = jax.jit(lambda *a: api.expert_ffn(*a, impl=impl))
         txt = jax.export.export(f, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
     calls = txt.count("stablehlo.custom_call @__gpu$xla.gpu.triton")

@@ -33,7 +33,7 @@ from omni_jax.kernels.moe.ref import (
     expert_ffn_tiled,
 )
 from omni_jax.kernels.moe.triton_gmm import expert_ffn_triton_gmm
-from omni_jax.kernels.platform import normalize, target_platform
+from omni_jax.kernels.platform import normalise_platform, platform_of
 
 
 class MoEImplError(OmniJaxError):
@@ -66,14 +66,14 @@ AUTO = {("cpu", "decode"): "gather", ("cpu", "prefill"): "bucketed",
 
 def available_impls(platform: str | None = None) -> list[str]:
     """Names `expert_ffn` accepts on `platform` (default: the target platform), plus 'auto'."""
-    platform = platform or target_platform()
+    platform = platform or platform_of()
     return ["auto"] + sorted(n for n in IMPLS if KERNEL_PLATFORM.get(n, platform) in (platform, "cpu")
                              or platform == "cpu")
 
 
 def check_impl(impl: str, platform: str | None = None) -> str:
     """Raise MoEImplError for an unknown name or a kernel of another accelerator; return the name."""
-    platform = platform or target_platform()
+    platform = platform or platform_of()
     if impl != "auto" and impl not in IMPLS:
         raise MoEImplError(f"unknown expert_ffn impl {impl!r}; available: {', '.join(available_impls(platform))}")
     native = KERNEL_PLATFORM.get(impl)
@@ -86,7 +86,7 @@ def check_impl(impl: str, platform: str | None = None) -> str:
 def choose_impl(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
     """`AUTO[platform, phase]`; phase is decode when the token copies are no more than the experts (a decode
     step reads only the selected experts' weights), else prefill."""
-    platform = normalize(backend) if backend else target_platform()
+    platform = normalise_platform(backend) if backend else platform_of()
     phase = "decode" if num_tokens * top_k <= num_experts else "prefill"
     return AUTO.get((platform, phase), AUTO[("cpu", phase)])
 

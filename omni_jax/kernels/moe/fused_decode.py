@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from omni_jax.kernels.moe.ref import expert_ffn_gather
-from omni_jax.kernels.platform import target_platform
+from omni_jax.kernels.platform import platform_of
 
 # Block sizes (powers of two): rows of the expert weights per program and the contraction chunk. vLLM's tuned H200
 # tiles for E=128, I=768 at batch 1 are 64 wide with 64-deep chunks; 4 warps. To be measured on the GPU.
@@ -142,6 +142,6 @@ _fused_vjp.defvjp(_fwd, _bwd)
 def expert_ffn_fused_decode(x, idx, weights, w_gate, w_up, w_down, *, interpret: bool | None = None):
     """x [N, H], idx [N, K], weights [N, K], w_gate/w_up [E, I, H], w_down [E, H, I] -> [N, H]."""
     if interpret is None:
-        interpret = target_platform() != "gpu"
+        interpret = platform_of() != "gpu"
     with jax.named_scope("moe_fused_decode"):
         return _fused_vjp(x, idx, weights, w_gate, w_up, w_down, interpret)

@@ -25,7 +25,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from omni_jax.kernels.platform import target_platform
+from omni_jax.kernels.platform import platform_of
 
 # The kernel module (the package re-exports jax's own custom_vjp `gmm` under the same name).
 mblx = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
@@ -122,7 +122,7 @@ def expert_ffn_megablox(x, idx, weights, w_gate, w_up, w_down, *, interpret: boo
     e, inner, hdim = w_gate.shape
     m = n * k
     if interpret is None:
-        interpret = target_platform() != "tpu"
+        interpret = platform_of() != "tpu"
     with jax.named_scope("megablox_dispatch"):
         order, sizes, inverse = sort_copies(idx, e)
         tm = row_tile(m, e)

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from omni_jax.kernels.moe.ref import tile_layout
-from omni_jax.kernels.platform import target_platform
+from omni_jax.kernels.platform import platform_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ def expert_ffn_triton_gmm(x, idx, weights, w_gate, w_up, w_down, *, interpret: b
     e, inner, hdim = w_gate.shape
     m = n * k
     if interpret is None:
-        interpret = target_platform() != "gpu"
+        interpret = platform_of() != "gpu"
     b_gu = blocks(m, e, inner, hdim, interpret)
     b_d = blocks(m, e, hdim, inner, interpret)
     with jax.named_scope("triton_gmm_dispatch"):
