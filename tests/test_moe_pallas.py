@@ -93,12 +93,12 @@ def test_megablox_decode_visits_only_the_selected_experts():
 
     mblx = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
     e, idx = 128, jnp.asarray([[5, 77, 3, 120, 64, 9, 31, 100]], jnp.int32)  # batch 1, top-8
-    _, sizes, _ = sort_copies(idx, e)
+    _, sizes, _ = jax.jit(sort_copies, static_argnums=1)(idx, e)
     m = idx.size
     tm = row_tile(m, e)
-    (_, group_ids, _), num_tiles = mblx.make_group_metadata(group_sizes=sizes, m=-(-m // tm) * tm, tm=tm,
-                                                            start_group=jnp.int32(0), num_nonzero_groups=e,
-                                                            visit_empty_groups=False)
+    (_, group_ids, _), num_tiles = jax.jit(lambda s: mblx.make_group_metadata(
+        group_sizes=s, m=-(-m // tm) * tm, tm=tm, start_group=jnp.int32(0), num_nonzero_groups=e,
+        visit_empty_groups=False))(sizes)
     visited = np.asarray(group_ids)[: int(num_tiles)]
     assert sorted(visited.tolist()) == sorted(np.asarray(idx).ravel().tolist())
 
@@ -135,9 +135,10 @@ def _weight_misuses(hlo: str, weight_params: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("impl", ["megablox", "gather"])
 def test_tpu_compiled_megablox_reads_weights_in_place(impl):
-    """Compiled for TPU v5e (Mosaic included) from this CPU host: the forward+backward expert FFN makes Mosaic
-    kernel calls and the expert weight parameters feed only those calls (no transpose, gather or copy of the
-    [E, out, in] weights). The same check flags the `gather` path, which copies the selected experts' weights."""
+    """Compiled for TPU v5e (Mosaic included) from this CPU host: a training step's expert FFN (forward and
+    backward) and a decode-sized call with impl="auto" make Mosaic kernel calls, and the expert weight parameters
+    feed only those calls (no transpose, gather or copy of the [E, out, in] weights). The same check flags the
+    `gather` path, which copies the selected experts' weights."""
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
@@ -149,21 +150,23 @@ def test_tpu_compiled_megablox_reads_weights_in_place(impl):
     def sds(shape, dtype=bf):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
 
-    def train(x, idx, w, wg, wu, wd):
+    def step(x, idx, w, wg, wu, wd, x1, idx1, w1):
         def loss(*a):
             return jnp.sum(api.expert_ffn(a[0], idx, *a[1:], impl=impl).astype(jnp.float32) ** 2)
-        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
+        decode = api.expert_ffn(x1, idx1, w1, wg, wu, wd, impl="auto" if impl == "megablox" else impl)
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd), decode
 
     with jax.set_mesh(mesh):
-        hlo = jax.jit(train).lower(sds((n, h)), sds((n, k), jnp.int32), sds((n, k)), sds((e, i, h)),
-                                   sds((e, i, h)), sds((e, h, i))).compile().as_text()
+        hlo = jax.jit(step).lower(sds((n, h)), sds((n, k), jnp.int32), sds((n, k)), sds((e, i, h)), sds((e, i, h)),
+                                  sds((e, h, i)), sds((2, h)), sds((2, k), jnp.int32), sds((2, k))
+                                  ).compile().as_text()
     entry = hlo[hlo.index("\nENTRY "):]
     entry = entry[: entry.index("\n}\n")]  # the entry computation (fusion bodies are opaque here)
     params = re.findall(r"%(\S+) = bf16\[8,(?:128,256|256,128)\]\{[^}]*\} parameter\(", entry)
     assert len(params) == 3
     bad = _weight_misuses(entry, params)
     if impl == "megablox":
-        assert hlo.count('custom_call_target="tpu_custom_call"') == 9  # 3 forward, 2 x 3 backward
+        assert hlo.count('custom_call_target="tpu_custom_call"') == 12  # training 3 + 2 x 3, decode 3
         assert bad == [], bad
     else:
         assert "tpu_custom_call" not in hlo and bad, "the check must see the gather path's weight copies"
