@@ -1,4 +1,5 @@
-"""megablox inside the expert-parallel shard_map on 8 simulated CPU devices (run by tests/test_moe_pallas.py in a
+"""megablox on 8 simulated CPU devices: inside the expert-parallel shard_map (data=2, expert=4) and per device on
+its own tokens on a mesh without experts (fsdp=4, tensor=2) (run by tests/test_moe_pallas.py in a
 subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8). Prints "name relative_error" lines: the
 forward and each gradient against the dense oracle on one device."""
 
@@ -35,30 +36,35 @@ def main():
 
     want = expert_ffn_dense(x, idx, w, wg, wu, wd)
     wants = jax.grad(loss(expert_ffn_dense), argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
-    mesh = S.make_mesh("data=2,expert=4")
     calls = []
-    orig = EP._local_ffn
+    orig_ep, orig_shards = EP._local_ffn, EP.expert_ffn_token_shards
 
-    def spy(*a):
-        calls.append(a[-1])
-        return orig(*a)
+    def spy_ep(*a):
+        calls.append(("expert", a[-1]))
+        return orig_ep(*a)
 
-    EP._local_ffn = spy
+    def spy_shards(*a, impl, **kw):
+        calls.append(("tokens", impl))
+        return orig_shards(*a, impl=impl, **kw)
+
+    EP._local_ffn, EP.expert_ffn_token_shards = spy_ep, spy_shards
 
     def ffn(*a):
         return api.expert_ffn(*a, impl="megablox")
 
-    with S.activate(mesh):
-        got = jax.jit(ffn)(x, idx, w, wg, wu, wd)
-        grads = jax.jit(jax.grad(loss(ffn), argnums=(0, 1, 2, 3, 4)))(x, w, wg, wu, wd)
-    assert calls and set(calls) == {"megablox"}, calls  # ran expert-parallel, megablox inside
-
     def rel(a, b):
         return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
-    print("fwd", rel(got, want))
-    for name, g, gw in zip(["dx", "dw_route", "dgate", "dup", "ddown"], grads, wants):
-        print(name, rel(g, gw))
+    # expert parallel (megablox inside the EP shard_map); tokens split over data x fsdp, weights FSDP + tensor
+    for tag, spec, how in [("", "data=2,expert=4", "expert"), ("fsdp_", "fsdp=4,tensor=2", "tokens")]:
+        calls.clear()
+        with S.activate(S.make_mesh(spec)):
+            got = jax.jit(ffn)(x, idx, w, wg, wu, wd)
+            grads = jax.jit(jax.grad(loss(ffn), argnums=(0, 1, 2, 3, 4)))(x, w, wg, wu, wd)
+        assert calls and set(calls) == {(how, "megablox")}, calls
+        print(tag + "fwd", rel(got, want))
+        for name, g, gw in zip(["dx", "dw_route", "dgate", "dup", "ddown"], grads, wants):
+            print(tag + name, rel(g, gw))
 
 
 if __name__ == "__main__":

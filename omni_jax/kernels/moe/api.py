@@ -15,7 +15,8 @@ kernels) and by size: decode (token copies no more than the experts) or prefill/
 
 Under a mesh with an `expert` axis > 1 (omni_jax.sharding.activate) the call runs expert-parallel
 (kernels/moe/expert_parallel.py): tokens go to the devices holding their experts, and `impl` picks the local
-grouped matmul there. Without a mesh nothing changes.
+grouped matmul there. A Pallas implementation on a mesh without an `expert` axis runs per device on its own
+tokens (expert_parallel.expert_ffn_token_shards). Without a mesh nothing changes.
 """
 
 from __future__ import annotations
@@ -98,4 +99,6 @@ def expert_ffn(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
         return expert_parallel.expert_ffn_ep(x, idx, weights, w_gate, w_up, w_down, impl=impl)
     if impl == "auto":
         impl = choose_impl(x.shape[0], idx.shape[1], w_gate.shape[0])
+    if impl in KERNEL_PLATFORM and expert_parallel.token_sharded_active():
+        return expert_parallel.expert_ffn_token_shards(x, idx, weights, w_gate, w_up, w_down, impl=impl)
     return IMPLS[impl](x, idx, weights, w_gate, w_up, w_down)

@@ -282,3 +282,33 @@ def expert_ffn_ep(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", 
         y, stats = body(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)
     y = y[:n]
     return (y, stats) if return_stats else y
+
+
+def token_sharded_active() -> bool:
+    """True when a multi-device mesh is active without expert parallelism."""
+    mesh = S.active_mesh()
+    return mesh is not None and math.prod(dict(mesh.shape).values()) > 1 and not is_active()
+
+
+def expert_ffn_token_shards(x, idx, weights, w_gate, w_up, w_down, *, impl: str):
+    """A Pallas implementation on a mesh without an `expert` axis: each device runs it on its own tokens (split
+    over the rules' batch axes) against the whole expert weights (gathered before the call, FSDP-style). XLA cannot
+    partition a Pallas kernel call and would otherwise run the whole batch on every device.
+    Shapes as expert_ffn_ep; `impl` must skip the sentinel expert id (padding rows)."""
+    from omni_jax.kernels.moe.api import IMPLS
+
+    mesh = S.active_mesh()
+    sizes = dict(mesh.shape)
+    axes = tuple(a for a in _axes(S.logical_to_spec(("batch",), S.current_rules(), mesh)[0]) if sizes[a] > 1)
+    shards = math.prod(sizes[a] for a in axes)
+    n, e = x.shape[0], w_gate.shape[0]
+    pad = -n % shards
+    if pad:  # padding rows route to no expert (sentinel id) and carry weight 0
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        idx = jnp.pad(idx, ((0, pad), (0, 0)), constant_values=e)
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    tok = P(axes or None, None)
+    body = jax.shard_map(lambda *a: IMPLS[impl](*a), mesh=mesh, in_specs=(tok, tok, tok, P(), P(), P()),
+                         out_specs=tok, check_vma=False)
+    with jax.named_scope("moe_token_shards"):
+        return body(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)[:n]
