@@ -26,9 +26,12 @@ from jax.experimental.pallas import triton as plgpu
 from omni_jax.kernels.moe.ref import expert_ffn_gather
 from omni_jax.kernels.platform import platform_of
 
-# Block sizes (powers of two): rows of the expert weights per program and the contraction chunk. vLLM's tuned H200
-# tiles for E=128, I=768 at batch 1 are 64 wide with 64-deep chunks; 4 warps. To be measured on the GPU.
+# Block sizes (powers of two): rows of the expert weights per program (at most ROW_BLOCK, fewer while that leaves
+# under MIN_PROGRAMS programs: a batch-1 step must still spread its weight reads over an H100/H200's 132 SMs) and
+# the contraction chunk. vLLM's tuned H200 tiles for E=128, I=768 at batch 1 are 64 wide with 64-deep chunks,
+# 4 warps. Guesses until measured on the GPU (bench/moe_kernels_gpu.py).
 ROW_BLOCK = 64
+MIN_PROGRAMS = 256
 CHUNK = 128
 NUM_WARPS = 4
 NUM_STAGES = 3
@@ -38,6 +41,14 @@ def _pow2(d: int, cap: int) -> int:
     b = 16
     while b < min(d, cap):
         b *= 2
+    return b
+
+
+def _row_block(rows: int, programs_per_block: int) -> int:
+    """Largest power of two in [16, ROW_BLOCK] (and not above the rows) leaving >= MIN_PROGRAMS programs."""
+    b = _pow2(rows, ROW_BLOCK)
+    while b > 16 and programs_per_block * -(-rows // b) < MIN_PROGRAMS:
+        b //= 2
     return b
 
 
@@ -102,13 +113,13 @@ def _fused(x, idx, weights, w_gate, w_up, w_down, interpret: bool):
     e, inner, hdim = w_gate.shape
     flat = idx.reshape(-1).astype(jnp.int32)
     params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    bi, bh = _pow2(inner, ROW_BLOCK), _pow2(hdim, CHUNK)
+    bi, bh = _row_block(inner, n * k), _pow2(hdim, CHUNK)
     h = pl.pallas_call(
         functools.partial(_gate_up_kernel, k=k, num_experts=e, bi=bi, bh=bh),
         out_shape=jax.ShapeDtypeStruct((n * k, inner), x.dtype), grid=(n * k, pl.cdiv(inner, bi)),
         compiler_params=params, interpret=interpret, name="moe_decode_gate_up",
     )(flat, x, w_gate.astype(x.dtype), w_up.astype(x.dtype))
-    bo, bi2 = _pow2(hdim, ROW_BLOCK), _pow2(inner, CHUNK)
+    bo, bi2 = _row_block(hdim, n), _pow2(inner, CHUNK)
     return pl.pallas_call(
         functools.partial(_down_kernel, k=k, num_experts=e, bo=bo, bi=bi2),
         out_shape=jax.ShapeDtypeStruct((n, hdim), x.dtype), grid=(n, pl.cdiv(hdim, bo)),
