@@ -204,15 +204,15 @@ def test_gpu_lowered_kernels_read_weights_in_place(impl):
 
 def test_megablox_under_an_expert_mesh():
     """8 simulated CPU devices (subprocess): megablox inside the expert-parallel shard_map (data=2, expert=4) and,
-    on a mesh without an expert axis (fsdp=4, tensor=2), per device on its own tokens: forward and gradients equal
-    to the dense oracle on one device."""
+    on a mesh without an expert axis (fsdp=4, tensor=2), per device on its own tokens: forward (and on the EP mesh
+    gradients) equal to the dense oracle on one device."""
     script = os.path.join(os.path.dirname(__file__), "moe_pallas_8dev.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     errs = dict(line.split() for line in out.stdout.strip().splitlines())
     names = {"fwd", "dx", "dw_route", "dgate", "dup", "ddown"}
-    assert set(errs) == names | {"fsdp_" + n for n in names}, errs
+    assert set(errs) == names | {"fsdp_fwd"}, errs
     for name, err in errs.items():
         assert float(err) <= 1e-5, (name, err)
 
