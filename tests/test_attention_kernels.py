@@ -42,12 +42,12 @@ def _check(impl, mask, seed=0, grads=True):
     def loss(which):
         return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, mask, scale=SCALE, impl=which)) * w)
 
-    ref_out = attention(q, k, v, mask, scale=SCALE, impl="xla")
+    ref_out = jax.jit(lambda q, k, v: attention(q, k, v, mask, scale=SCALE, impl="xla"))(q, k, v)
     out = jax.jit(lambda q, k, v: attention(q, k, v, mask, scale=SCALE, impl=impl))(q, k, v)
     assert float(jnp.max(jnp.abs(ref_out))) > 0.1  # the case attends to something
     assert _rel(out, ref_out) <= TOL, (impl, _rel(out, ref_out))
     if grads:
-        g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+        g_ref = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
         g = jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v)
         for name, a, r in zip("qkv", g, g_ref):
             assert _rel(a, r) <= TOL, (impl, name, _rel(a, r))
@@ -127,8 +127,8 @@ def test_auto_follows_the_target_platform():
     m = AttentionMask.decode(jnp.array([3, 150]), 2)
     assert choose_impl("auto", 2, 200, m, "tpu") == "live"
     with target_platform("tpu"):  # decode on a TPU target: the live-range XLA path (no kernel), same numbers
-        np.testing.assert_allclose(attention(q, k, v, m, scale=SCALE), attention_ref(q, k, v, m, SCALE), rtol=1e-5,
-                                   atol=1e-6)
+        got = jax.jit(lambda q, k, v: attention(q, k, v, m, scale=SCALE))(q, k, v)
+    np.testing.assert_allclose(got, attention_ref(q, k, v, m, SCALE), rtol=1e-5, atol=1e-6)
 
 
 # -- implementations vs the reference (interpret mode) ----------------------------------------------------------
@@ -155,11 +155,12 @@ def test_decode_kernel_reads_live_lengths_in_place():
                       q_segment_ids=jnp.take_along_axis(seg, start[:, None] + jnp.arange(t)[None], axis=1),
                       kv_segment_ids=seg)
     want = attention_ref(q, k, v, m, 0.125)
-    assert _rel(decode_attention(q, k, v, m, 0.125, interpret=True), want) <= TOL
-    assert _rel(attention_live(q, k, v, m, 0.125, chunk=16), want) <= TOL
+    dec = jax.jit(lambda k: decode_attention(q, k, v, m, 0.125, interpret=True))
+    assert _rel(dec(k), want) <= TOL
+    assert _rel(jax.jit(lambda k: attention_live(q, k, v, m, 0.125, chunk=16))(k), want) <= TOL
     # Dead cache slots never matter: garbage past each row's live end changes nothing.
     junk = jnp.where(jnp.arange(s)[None, :, None, None] >= (start + t)[:, None, None, None], 1e4, k)
-    np.testing.assert_allclose(decode_attention(q, junk, v, m, 0.125, interpret=True), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dec(junk), want, rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_lower_for_gpu_and_tpu():
@@ -201,7 +202,8 @@ def test_model_call_sites_on_splash_match_xla():
     cfg = dataclasses.replace(C.tiny().code2wav_config, sliding_window=5)
     pre = PreTransformer(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (1, 2 * cfg.sliding_window + 3, cfg.hidden_size))
-    assert _rel(pre(x, "splash"), pre(x, "xla")) <= TOL
+    run = nnx.jit(lambda pre, x, impl: pre(x, impl), static_argnums=2)
+    assert _rel(run(pre, x, "splash"), run(pre, x, "xla")) <= TOL
 
 
 # -- the full matrix: one mask kind per case -----------------------------------------------------------------

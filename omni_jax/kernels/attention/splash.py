@@ -1,6 +1,6 @@
 """TPU attention: jax's Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) behind our
 AttentionMask. What is ours: mapping the mask onto splash's static block mask + segment ids, padding T and S to
-block multiples, GQA, the scale, rows that see no key, kernel caching. Forward and backward are splash's own
+block multiples, GQA, the scale, rows that see no key. Forward and backward are splash's own
 kernels (its custom VJP). On CPU it runs in interpret mode.
 
 Mapping: causal -> CausalMask(offset); causal sliding window W -> LocalMask((W - 1, 0), offset) (splash skips
@@ -10,8 +10,6 @@ past a row's live length get an id no query has). The q offset must be static (a
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +27,6 @@ def _block(n: int) -> int:
     return min(MAX_BLOCK, -(-n // LANES) * LANES)
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(causal: bool, window: int | None, offset: int, heads: int, t_pad: int, s_pad: int, bq: int, bkv: int,
             interpret: bool):
     shape = (t_pad, s_pad)
@@ -41,9 +38,10 @@ def _kernel(causal: bool, window: int | None, offset: int, heads: int, t_pad: in
         one = sa.FullMask(shape)
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    with jax.ensure_compile_time_eval():  # the block tables are constants, reusable across traces
-        return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+    # Built per trace: its block tables become constants of the traced computation (caching them across traces
+    # would leak tracers, and concrete arrays would land on the current mesh's devices, which may be abstract).
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
 
 
 def splash_attention(q, k, v, mask: AttentionMask, scale: float, *, interpret: bool = False):
