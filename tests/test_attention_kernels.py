@@ -110,6 +110,12 @@ def test_bad_masks_and_impls_are_clear_errors():
         attention(q, k, v, AttentionMask(), scale=1.0, impl="triton")
     with pytest.raises(AttentionImplError, match="needs an AttentionMask"):
         attention(q, k, v, jnp.ones((1, 4, 4), bool), scale=1.0, impl="splash")
+    with pytest.raises(AttentionImplError, match="is a GPU kernel"):
+        choose_impl("flash", 4, 4, AttentionMask(), "tpu")
+    with pytest.raises(AttentionImplError, match="is a TPU kernel"):
+        choose_impl("splash", 4, 4, AttentionMask(), "gpu")
+    with pytest.raises(AttentionImplError, match="at most 16"):
+        choose_impl("decode", 64, 64, AttentionMask(), "gpu")
     with pytest.raises(AttentionImplError, match="segment ids"):
         attention(q, k, v, AttentionMask.segments(jnp.zeros((2, 4), jnp.int32)), scale=1.0, impl="cudnn")
 
@@ -236,3 +242,23 @@ def test_live_path_matches_reference_for_each_kind():
 
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # lowering for TPU may open libtpu beside other processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["splash", "flash"])
+def test_thinker_greedy_tokens_unchanged(impl):
+    """A random tiny thinker, two prompt rows of different lengths: the same greedy tokens with the kernel
+    (prefill through the kernel, decode steps through `live` (splash) or the kernel's row offsets (flash))."""
+    from flax import nnx
+
+    from omni_jax import config as C
+    from omni_jax.generate import ThinkerGenerator, text_prompt_batch
+    from omni_jax.models.thinker import Thinker
+    from omni_jax.sampling import SamplingParams
+
+    th = Thinker(C.tiny().thinker_config, rngs=nnx.Rngs(0), with_encoders=False)
+    ids = [[5, 17, 99, 3, 42, 7, 8, 11, 200, 13, 14, 15, 300, 12], [5, 17, 99, 3, 42, 7]]
+    out = {i: ThinkerGenerator(th, attention_impl=i).generate(text_prompt_batch(ids), max_new_tokens=6,
+                                                               sampling=SamplingParams()).token_ids
+           for i in ("xla", impl)}
+    assert out["xla"] == out[impl]
