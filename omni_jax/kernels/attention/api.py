@@ -36,7 +36,7 @@ PALLAS_IMPLS = ("splash", "flash", "decode")
 SMALL_KV = 128  # below this many keys, `auto` keeps the XLA path
 _HOME = {"splash": "tpu", "flash": "gpu", "cudnn": "gpu", "decode": "gpu"}  # where each kernel compiles
 _FOR = {"tpu": ("xla", "live", "splash"), "gpu": ("xla", "live", "flash", "cudnn", "decode"),
-        "cpu": IMPLS[1:]}
+        "cpu": ("xla", "live", "splash", "flash", "decode")}
 
 
 class AttentionImplError(AttentionMaskError):
@@ -63,9 +63,10 @@ def choose_impl(impl: str, t: int, s: int, mask, platform: str) -> str:
         return "xla"
     if impl != "auto":
         home = _HOME.get(impl)
-        if home is not None and platform not in (home, "cpu"):
-            raise AttentionImplError(f"attention impl {impl!r} is a {home.upper()} kernel (or interpreted on CPU); the "
-                                     f"target platform is {platform}: use 'auto' or one of {', '.join(_FOR[platform])}")
+        if home is not None and platform not in ((home,) if impl == "cudnn" else (home, "cpu")):
+            raise AttentionImplError(f"attention impl {impl!r} is a {home.upper()} kernel (Pallas ones also run "
+                                     f"interpreted on CPU); the target platform is {platform}: use 'auto' or one "
+                                     f"of {', '.join(_FOR[platform])}")
         if impl == "decode" and t > 16:
             raise AttentionImplError(f"attention impl 'decode' takes at most 16 new tokens per row, got {t}: use "
                                      "'flash' (or 'auto')")
