@@ -116,7 +116,9 @@ def test_bad_masks_and_impls_are_clear_errors():
         choose_impl("splash", 4, 4, AttentionMask(), "gpu")
     with pytest.raises(AttentionImplError, match="at most 16"):
         choose_impl("decode", 64, 64, AttentionMask(), "gpu")
-    with pytest.raises(AttentionImplError, match="segment ids"):
+    with pytest.raises(AttentionImplError, match="cudnn' is a GPU kernel"):
+        attention(q, k, v, AttentionMask(causal=True), scale=1.0, impl="cudnn")
+    with target_platform("gpu"), pytest.raises(AttentionImplError, match="segment ids"):
         attention(q, k, v, AttentionMask.segments(jnp.zeros((2, 4), jnp.int32)), scale=1.0, impl="cudnn")
 
 
