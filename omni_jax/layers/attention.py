@@ -44,8 +44,9 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(head_dim, eps, dtype=dtype, rngs=rngs) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps, dtype=dtype, rngs=rngs) if qk_norm else None
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None):
-        """x [B, T, hidden]; cos/sin [B, T, D]; mask bool [B, T, S].
+    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, impl: str = "auto"):
+        """x [B, T, hidden]; cos/sin [B, T, D]; mask: an AttentionMask (or bool [B, T, S] for the xla impl);
+        impl: the kernels.attention implementation.
 
         Without a cache, attends over the T new tokens (S == T). With `cache=(k, v)` of [B, S, KV, D], writes
         the new keys/values at `cache_start` [B] and attends over the whole cache (S = cache length); if
@@ -67,5 +68,5 @@ class Attention(nnx.Module):
             new_cache = (ck, cv)
             if cache_start is not None:
                 keys, values = ck.astype(x.dtype), cv.astype(x.dtype)
-        out = attention(q, keys, values, mask, scale=self.head_dim ** -0.5)
+        out = attention(q, keys, values, mask, scale=self.head_dim ** -0.5, impl=impl)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache

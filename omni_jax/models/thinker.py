@@ -40,8 +40,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = GatedMLP(h, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, moe_impl="auto"):
-        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, moe_impl="auto", attention_impl="auto"):
+        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start, attention_impl)
         x = x + a
         if self.is_moe:
             m, probs, top_i, logits = self.mlp(self.post_attention_layernorm(x), impl=moe_impl, return_logits=True)
@@ -61,8 +61,9 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, embeds, positions, mask, cache=None, cache_start=None, deepstack=None,
-                 collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto"):
-        """embeds [B, T, H]; positions int [3, B, T] (or [B, T]); mask bool [B, T, S].
+                 collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto", attention_impl: str = "auto"):
+        """embeds [B, T, H]; positions int [3, B, T] (or [B, T]); mask: kernels.attention.AttentionMask (or bool
+        [B, T, S] for the xla impl); attention_impl: the kernels.attention implementation.
 
         cache: list of (k, v) per layer or None. deepstack: list of [B, T, H] tensors (zero outside visual
         positions) added to the outputs of the first len(deepstack) layers. collect_hidden: indices into the
@@ -81,7 +82,8 @@ class TextModel(nnx.Module):
         new_cache, router, router_logits = [], [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl)
+                x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl,
+                                attention_impl)
                 x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
             new_cache.append(c)
             router.append(r[:2])
@@ -109,7 +111,8 @@ class Thinker(nnx.Module):
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
 
-    def input_embeddings(self, input_ids, *, audio=None, image=None, video=None, audio_conv_batch=None):
+    def input_embeddings(self, input_ids, *, audio=None, image=None, video=None, audio_conv_batch=None,
+                         attention_impl: str = "auto"):
         """Token embeddings with encoder rows scattered into their placeholders (reference §2.5).
 
         input_ids int [B, L]. audio: (features [Na, mel, T], frame_lengths [Na]) for every audio of the batch in
@@ -122,7 +125,7 @@ class Thinker(nnx.Module):
         dtype = x.dtype
         if audio is not None:
             with jax.named_scope("audio_encoder"):
-                tokens, lengths = self.audio_tower(*audio, conv_batch=audio_conv_batch)
+                tokens, lengths = self.audio_tower(*audio, conv_batch=audio_conv_batch, attn_impl=attention_impl)
             slots = input_ids == cfg.audio_token_id
             ranks = _ranks(slots)
             rows = packed_row_index(lengths, ranks, tokens.shape[1])
@@ -133,7 +136,7 @@ class Thinker(nnx.Module):
             if inputs is None:
                 continue
             with jax.named_scope(f"vision_encoder_{kind}"):
-                merged, levels = self.visual(*inputs)
+                merged, levels = self.visual(*inputs, attention_impl=attention_impl)
             slots = input_ids == token_id
             ranks = jnp.clip(_ranks(slots), 0, merged.shape[0] - 1)
             x = jnp.where(slots[..., None], merged[ranks].astype(dtype), x)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.errors import OmniJaxError
+from omni_jax.kernels.attention import AttentionMask
 
 # Freeze presets for the paper's training stages (regexes over dotted parameter paths of an OmniModel, e.g.
 # "thinker.model.layers.0.mlp.gate.kernel"). A parameter is frozen when any pattern matches it (re.search).
@@ -172,7 +173,13 @@ def _real_first(valid):
     return jnp.argsort(jnp.logical_not(valid.reshape(-1)).astype(jnp.int32), stable=True)
 
 
-def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto"):
+def padded_causal_mask(valid) -> AttentionMask:
+    """Causal attention over right-padded rows: valid bool [B, T] is a prefix of each row (train/data.py), so the
+    keys a row may see are its first sum(valid) (kv_lengths)."""
+    return AttentionMask(causal=True, kv_lengths=jnp.sum(valid, axis=-1, dtype=jnp.int32))
+
+
+def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto", attention_impl: str = "auto"):
     """Forward the thinker of an OmniModel over a training batch: (logits [B, T, V], the decoder's stats dict
     with "router" (probs, indices) and "router_logits" per layer)."""
     th = model.thinker
@@ -186,11 +193,9 @@ def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto
         px = batch["image_pixels"]
         perm = _real_first(batch["image_valid"])
         image = (px.reshape(-1, *px.shape[2:])[perm].reshape(-1, px.shape[-1]), image_grid)
-    embeds, deepstack = th.input_embeddings(ids, audio=audio, image=image)
-    valid = batch["valid"]
-    t = ids.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-    hidden, _, stats = th.model(embeds, batch["positions"], mask, deepstack=deepstack, moe_impl=moe_impl)
+    embeds, deepstack = th.input_embeddings(ids, audio=audio, image=image, attention_impl=attention_impl)
+    hidden, _, stats = th.model(embeds, batch["positions"], padded_causal_mask(batch["valid"]), deepstack=deepstack,
+                                moe_impl=moe_impl, attention_impl=attention_impl)
     return th.logits(hidden), stats
 
 
@@ -201,6 +206,7 @@ class LossConfig:
     compute_dtype: str = "float32"  # "bfloat16": parameters are cast for the forward (fp32 master weights)
     remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint of the forward with that policy)
     moe_impl: str = "auto"
+    attention_impl: str = "auto"  # kernels.attention implementation
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -211,7 +217,8 @@ def thinker_loss(model, batch: dict, c: LossConfig, *, image_grid=None):
     """Total loss = CE(assistant tokens) + coef * load-balancing loss (transformers' thinker with labels and
     output_router_logits) + router_z_loss_coef * router z-loss (over real tokens). Returns (total, metrics)."""
     tcfg = model.thinker.cfg.text_config
-    logits, stats = thinker_logits(model, batch, image_grid=image_grid, moe_impl=c.moe_impl)
+    logits, stats = thinker_logits(model, batch, image_grid=image_grid, moe_impl=c.moe_impl,
+                                   attention_impl=c.attention_impl)
     router = stats["router"]
     ce, n_tok = masked_cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
     coef = tcfg.router_aux_loss_coef if c.aux_loss_coef is None else c.aux_loss_coef
