@@ -74,11 +74,12 @@ def _target_shape(var) -> tuple:
 
 def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]] | dict, *, root: str = "",
                  dtype=None, rules=None, shardings: dict | None = None, skip_prefixes: tuple[str, ...] = (),
-                 progress=None, strict: bool = True) -> Report:
+                 progress=None, strict: bool = True, as_stored: bool = False) -> Report:
     """Assign HF tensors to `model` in place (works on an `nnx.eval_shape` model too).
 
     root: the HF-path prefix this module corresponds to ("" for the whole omni model).
-    dtype: cast every parameter to this dtype (default: the model's parameter dtype).
+    dtype: cast every parameter to this dtype (default: the model's parameter dtype); as_stored: keep each
+    tensor's dtype from the checkpoint instead.
     shardings: optional {our_path: jax.sharding.Sharding} to place each finished tensor directly.
     skip_prefixes: HF key prefixes that are deliberately not loaded (e.g. "talker." for a thinker-only load).
     """
@@ -92,7 +93,7 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]] | 
 
     def finish(path, arr):
         var = params[path]
-        target_dtype = dtype or get_value(var).dtype
+        target_dtype = arr.dtype if as_stored else (dtype or get_value(var).dtype)
         if shardings and path in shardings:
             # Each device (and so each host) materialises only its own shard of the tensor.
             value = jax.make_array_from_callback(

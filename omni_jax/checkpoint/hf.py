@@ -19,6 +19,7 @@ from flax import nnx
 from omni_jax.checkpoint import keys as K
 from omni_jax.checkpoint import safetensors_io as S
 from omni_jax.checkpoint.assign import CheckpointError, Report, flat_params, get_value, load_tensors
+from omni_jax.checkpoint.safe_write import atomic_dir
 from omni_jax.config import ConfigError, OmniConfig
 from omni_jax.models.omni import OmniModel
 
@@ -34,23 +35,39 @@ def shard_files(path: str) -> list[str]:
     if not os.path.isdir(path):
         raise CheckpointError(f"model directory not found: {path}")
     idx = os.path.join(path, INDEX)
+    single = os.path.join(path, "model.safetensors")
     if os.path.exists(idx):
-        with open(idx) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{idx} has no weight_map")
+        try:
+            with open(idx, encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{idx}: not a valid JSON index ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{idx} has no weight_map of tensor name -> file name")
         files = sorted(set(weight_map.values()))
+        if os.path.exists(single):
+            _check_single_matches_index(single, idx, weight_map)
         missing = [fn for fn in files if not os.path.exists(os.path.join(path, fn))]
         if missing:
             raise CheckpointError(f"{path}: missing shard file(s) named in {INDEX}: {', '.join(missing)}")
         return [os.path.join(path, fn) for fn in files]
-    single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
     found = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
     if found:
         return [os.path.join(path, fn) for fn in found]
     raise CheckpointError(f"{path}: no model.safetensors, {INDEX} or *.safetensors files")
+
+
+def _check_single_matches_index(single: str, idx: str, weight_map: dict) -> None:
+    """A folder with both model.safetensors and an index is only valid when the index describes that file
+    exactly; otherwise it mixes two checkpoints (e.g. an earlier sharded export left behind)."""
+    header_keys = set(S.read_header(single)[0])
+    if set(weight_map.values()) != {"model.safetensors"} or set(weight_map) != header_keys:
+        raise CheckpointError(f"{os.path.dirname(single)} holds both {os.path.basename(single)} and {INDEX}, and "
+                              f"they disagree (the folder mixes two checkpoints); remove the stale one")
 
 
 def load_config(path: str) -> OmniConfig:
@@ -67,7 +84,7 @@ def iter_checkpoint(path: str):
 
 def load_hf(path: str, *, dtype=jnp.float32, parts: tuple[str, ...] | None = None, shardings=None,
             progress=None, mesh=None, rules="default") -> tuple[OmniModel, OmniConfig]:
-    """Load an HF directory into an OmniModel with parameters of `dtype`.
+    """Load an HF directory into an OmniModel with parameters of `dtype` (None: each tensor as stored).
 
     parts: which of ("thinker", "talker", "code2wav") to build (default: all the config has). Tensors of parts
     not built are skipped deliberately; anything else unmapped, missing or mis-shaped raises CheckpointError.
@@ -76,7 +93,7 @@ def load_hf(path: str, *, dtype=jnp.float32, parts: tuple[str, ...] | None = Non
     """
     files = shard_files(path)
     cfg = load_config(path)
-    model = nnx.eval_shape(lambda: OmniModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), parts=parts))
+    model = nnx.eval_shape(lambda: OmniModel(cfg, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0), parts=parts))
     if mesh is not None:
         from omni_jax import sharding
 
@@ -84,7 +101,7 @@ def load_hf(path: str, *, dtype=jnp.float32, parts: tuple[str, ...] | None = Non
         shardings = {**sharding.path_shardings(model, mesh, sharding.get_rules(rules)), **(shardings or {})}
     report = load_tensors(model, (kv for fn in files for kv in S.iter_tensors(fn)), dtype=dtype,
                           shardings=shardings, skip_prefixes=model.skipped_prefixes(), progress=progress,
-                          strict=False)
+                          strict=False, as_stored=dtype is None)
     report.raise_if_bad(f"checkpoint {path}")
     return model, cfg
 
@@ -125,9 +142,21 @@ def export_items(model: nnx.Module, root: str = "", dtype=None):
 
 
 def save_hf(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, max_shard_bytes: int = 4 << 30,
-            copy_from: str | None = None, progress=None):
-    """Write an HF directory: sharded safetensors + index, config.json, and side files copied from `copy_from`."""
+            copy_from: str | None = None, progress=None, overwrite: bool = False):
+    """Write an HF directory: sharded safetensors + index, config.json, and side files copied from `copy_from`.
+
+    Written into a temporary sibling and moved into place when complete (checkpoint/safe_write.py): a non-empty
+    `out` is refused unless `overwrite`, and then replaced as a whole. dtype None keeps each tensor's dtype."""
+    with atomic_dir(out, overwrite=overwrite, sources=(copy_from,)) as tmp:
+        return write_hf_files(model, cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes, copy_from=copy_from,
+                              progress=progress)
+
+
+def write_hf_files(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, max_shard_bytes: int = 4 << 30,
+                   copy_from: str | None = None, progress=None):
+    """The files of `save_hf`, written straight into the (new, empty) directory `out`."""
     os.makedirs(out, exist_ok=True)
+    dtypes: dict[str, int] = {}
     shard, shard_bytes, total = {}, 0, 0
     written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
 
@@ -143,6 +172,7 @@ def save_hf(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, max_shar
             flush()
         shard[key] = value
         shard_bytes += value.nbytes
+        dtypes[value.dtype.name] = dtypes.get(value.dtype.name, 0) + value.nbytes
         total += value.nbytes
         if progress is not None:
             progress(key)
@@ -161,8 +191,8 @@ def save_hf(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, max_shar
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                       indent=2)
     hf_cfg = cfg.to_hf()
-    if dtype is not None:
-        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(np.dtype(dtype).name)
+    if dtypes:  # the dtype holding most bytes (transformers' config has one dtype)
+        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = max(dtypes, key=dtypes.get)
     if "talker" not in model.parts:
         hf_cfg["enable_audio_output"] = False
     with open(os.path.join(out, "config.json"), "w") as f:
