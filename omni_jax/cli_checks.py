@@ -127,8 +127,8 @@ def _generate(a) -> None:
     check_rules(getattr(a, "rules", None))
     check_mesh(getattr(a, "mesh", None))
     if a.speak is not None:
-        speak_format(a.speak)
         check_output_file(a.speak, "--speak")
+        speak_format(a.speak)
         check_int(a.talker_max_new_tokens, "--talker-max-new-tokens", low=2, allow_none=False)
         if a.max_new_tokens is not None and a.max_new_tokens < 2:
             raise ArgumentError(f"--speak needs --max-new-tokens >= 2 (the talker reads at least 2 generated "
@@ -221,6 +221,15 @@ def check_train_config(cfg) -> None:
             raise ArgumentError(f"config.{section}.{key} must be an integer, got {value!r}")
         if value < low:
             raise ArgumentError(f"config.{section}.{key} must be >= {low}, got {value}")
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if model is not None:
+        if not model.get("init_from") and "preset" in model and model["preset"] != "toy":
+            check_preset(model["preset"], "config.model.preset")
+        if "parts" in model:
+            parts = model["parts"]
+            check_parts(parts if isinstance(parts, str) else ",".join(map(str, parts)), "config.model.parts")
+        if model.get("dtype") not in (None, "float32", "bfloat16"):
+            raise ArgumentError(f"config.model.dtype {model['dtype']!r}: choose float32 or bfloat16")
     optim = cfg.get("optim") if hasattr(cfg, "get") else None
     if optim is not None and "learning_rate" in optim and not optim["learning_rate"] >= 0:
         raise ArgumentError(f"config.optim.learning_rate must be >= 0, got {optim['learning_rate']}")
