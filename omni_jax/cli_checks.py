@@ -133,6 +133,19 @@ def _generate(a) -> None:
         if a.max_new_tokens is not None and a.max_new_tokens < 2:
             raise ArgumentError(f"--speak needs --max-new-tokens >= 2 (the talker reads at least 2 generated "
                                 f"thinker tokens), got {a.max_new_tokens}")
+        _check_speaker(a.model, a.speaker)
+
+
+def _check_speaker(model_dir: str, speaker: str) -> None:
+    """Speech output present and the speaker known, from config.json alone (no weights are read)."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return  # the loader names the missing config
+    from omni_jax.config import OmniConfig
+    from omni_jax.inference import check_speech_available
+    from omni_jax.speech import speaker_id
+
+    check_speech_available(model_dir)
+    speaker_id(OmniConfig.from_hf(os.path.join(model_dir, "config.json")), speaker)
 
 
 def _convert(a) -> None:

@@ -73,6 +73,7 @@ CASES = [
     ("speak-missing-dir", [*M, "--speak", "{root}/nodir/out.wav"], "does not exist"),
     ("speak-onto-dir", [*M, "--speak", "{root}/sub"], "is a directory"),
     ("speak-onto-dir-wav", [*M, "--speak", "{root}/sub.wav/"], "is a directory"),
+    ("speak-unknown-speaker", [*M, "--speak", "{root}/out.wav", "--speaker", "Zed"], "unknown speaker 'Zed'"),
     ("speak-mp3", [*M, "--speak", "{root}/out.mp3"], "'.mp3'; use one of .wav, .flac, .ogg"),
     ("speak-no-extension", [*M, "--speak", "{root}/out"], "(no extension)"),
     ("train-workdir-is-file", [*TRAIN, "--workdir", "{root}/afile"], "is not a directory"),
