@@ -4,8 +4,8 @@
 
 Writes a random bf16 HF directory of a scaled-up tiny thinker (the layers / hidden size given), then runs
 `omni-jax convert` without --dtype in a fresh process for each case and reads that process's peak resident set
-(getrusage ru_maxrss of the child). The baseline is a process that imports omni_jax, jax and builds nothing but a
-one-element array (the constant every run pays). Prints one JSON object per case.
+(getrusage ru_maxrss) against its resident set after importing everything convert uses (the constant every run
+pays). Prints one JSON object per case.
 """
 
 from __future__ import annotations
@@ -52,21 +52,31 @@ def make_checkpoint(out: str, layers: int, hidden: int) -> None:
     save_hf(model, cfg, out, max_shard_bytes=200 << 20, overwrite=True)
 
 
-def peak_rss(argv: list[str]) -> tuple[int, int]:
-    """(exit code, peak RSS bytes) of a fresh Python process running argv."""
-    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr[-3000:])
-    line = r.stdout.strip().splitlines()[-1]
-    return r.returncode, int(json.loads(line)["peak_rss"])
-
-
 RUN = """
 import json, resource, sys
-from omni_jax import cli
-code = cli.main(sys.argv[1:]) if len(sys.argv) > 1 else (__import__("jax").numpy.zeros(1).block_until_ready(), 0)[1]
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+import jax.numpy as jnp
+from omni_jax import cli, inference  # noqa: F401  (everything convert imports, before the baseline)
+from omni_jax.checkpoint import hf, orbax_io  # noqa: F401
+import tqdm  # noqa: F401
+jnp.zeros(1).block_until_ready()
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+
+base, base_peak = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+code = cli.main(sys.argv[1:])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"code": code, "base_rss": base, "base_peak": base_peak, "peak_rss": peak}))
 """
+
+
+def run_case(argv: list[str]) -> dict:
+    """Resident-set figures of a fresh process running `omni-jax` argv (after its imports: base_rss)."""
+    r = subprocess.run([sys.executable, "-c", RUN, *argv], cwd=REPO, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -83,18 +93,18 @@ def main():
 
     size = sum(os.path.getsize(f) for f in shard_files(src))
     largest = max(int(v.nbytes) for f in shard_files(src) for _, v in S.iter_tensors(f))
-    _, base = peak_rss(["-c", RUN])
-    print(json.dumps({"case": "baseline (import omni_jax + jax)", "peak_rss_mb": base / 2**20}))
     for name, extra in (("hf, default 4GB shards", ["--to", "hf"]),
                         ("hf, 64MB shards", ["--to", "hf", "--max-shard-size", "64MB"]),
                         ("orbax", ["--to", "orbax"])):
         out = os.path.join(a.workdir, "out")
         shutil.rmtree(out, ignore_errors=True)
-        _, peak = peak_rss(["-c", RUN, "convert", "--model", src, "--out", out, *extra])
-        print(json.dumps({"case": name, "checkpoint_mb": size / 2**20, "largest_tensor_mb": largest / 2**20,
-                          "peak_rss_mb": peak / 2**20, "peak_minus_baseline_mb": (peak - base) / 2**20,
-                          "ratio_to_checkpoint": (peak - base) / size}))
-
+        r = run_case(["convert", "--model", src, "--out", out, *extra])
+        mb = 2 ** 20
+        print(json.dumps({"case": name, "checkpoint_mb": round(size / mb, 1), "largest_tensor_mb": largest / mb,
+                          "rss_after_imports_mb": round(r["base_rss"] / mb, 1),
+                          "peak_rss_mb": round(r["peak_rss"] / mb, 1),
+                          "peak_above_imports_mb": round((r["peak_rss"] - r["base_rss"]) / mb, 1),
+                          "above_imports_per_checkpoint": round((r["peak_rss"] - r["base_rss"]) / size, 2)}))
 
 if __name__ == "__main__":
     main()

@@ -44,14 +44,15 @@ def is_orbax_dir(path: str) -> bool:
 
 
 def save_orbax(model: OmniModel, cfg: OmniConfig, out: str, *, copy_from: str | None = None,
-               overwrite: bool = False):
+               overwrite: bool = False, sources=None):
     """Write a converted directory (see the module docstring) with each parameter in its own dtype.
 
     Written into a temporary sibling and moved into place when complete (checkpoint/safe_write.py): a non-empty
-    `out` is refused unless `overwrite`, and then replaced as a whole."""
+    `out` is refused unless `overwrite`, and then replaced as a whole. `out` may not overlap `sources` (default:
+    copy_from); the trainer's export passes () as its model is in memory (re-exporting over --init-from is fine)."""
     from omni_jax.checkpoint.safe_write import atomic_dir
 
-    with atomic_dir(out, overwrite=overwrite, sources=(copy_from,)) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=(copy_from,) if sources is None else sources) as tmp:
         _write_orbax_files(model, cfg, tmp, copy_from)
 
 

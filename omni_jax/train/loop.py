@@ -562,7 +562,7 @@ class Trainer:
     def export(self, out: str):
         from omni_jax.checkpoint.orbax_io import save_orbax
 
-        save_orbax(self.merged_model(), self.mcfg, out, copy_from=self.tok_dir, overwrite=True)
+        save_orbax(self.merged_model(), self.mcfg, out, copy_from=self.tok_dir, overwrite=True, sources=())
         return out
 
 
