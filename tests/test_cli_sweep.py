@@ -212,3 +212,22 @@ def test_debug_shows_the_raw_exception(sandbox):
         cli.main(["convert", "--model", f"{sandbox}/trunc", "--out", f"{sandbox}/new", "--to", "hf", "--debug"])
     assert info.value.__cause__ is not None
     assert not os.path.exists(f"{sandbox}/new")
+
+
+def test_speak_formats_write_float_audio(tmp_path):
+    """Each --speak format soundfile writes with its subtype (wav float, flac 24-bit, ogg vorbis) and reads back."""
+    import numpy as np
+    import soundfile as sf
+
+    from omni_jax.cli_checks import SPEAK_FORMATS, ArgumentError, speak_format
+
+    wave = (0.5 * np.sin(np.arange(4800) / 7)).astype(np.float32)
+    tol = {".wav": 0, ".flac": 1e-6, ".ogg": 0.1}
+    for ext in SPEAK_FORMATS:
+        path = str(tmp_path / f"a{ext.upper()}")  # extensions are case-insensitive
+        fmt, subtype = speak_format(path)
+        sf.write(path, wave, 24000, format=fmt, subtype=subtype)
+        back, sr = sf.read(path, dtype="float32")
+        assert sr == 24000 and back.shape == wave.shape and np.abs(back - wave).max() <= tol[ext]
+    with pytest.raises(ArgumentError, match=r"'\.aiff'; use one of \.wav, \.flac, \.ogg"):
+        speak_format("x.aiff")
