@@ -147,6 +147,12 @@ def cmd_convert(a) -> int:
     from omni_jax.inference import DTYPES
 
     dtype = DTYPES[a.dtype] if a.dtype else None  # None: each tensor as stored
+    if a.to == "hf" and not orbax_io.is_orbax_dir(a.model):  # streamed tensor by tensor, no model built
+        with tqdm(desc="converting", unit="tensor") as bar:
+            hf_io.convert_hf(a.model, a.out, dtype=dtype, max_shard_bytes=_size(a.max_shard_size),
+                             progress=lambda k: bar.update(1), overwrite=a.overwrite)
+        print(f"wrote {a.to} checkpoint to {a.out}", file=sys.stderr)
+        return 0
     if orbax_io.is_orbax_dir(a.model):
         model, cfg = orbax_io.load_orbax(a.model, dtype=dtype)
     else:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,26 @@ def test_convert_keeps_stored_dtype(bf16_dir, tmp_path):
     assert json.load(open(os.path.join(orb, orbax_io.META)))["param_dtype"] == "bfloat16"
     assert cli.main(["convert", "--model", orb, "--out", back, "--to", "hf"]) == 0
     assert _same(_tensors(back), src)
+
+
+def test_streamed_hf_convert_checks_the_checkpoint(bf16_dir, tmp_path):
+    """HF -> HF is streamed without building the model, but a tensor missing, misshapen or unknown is still an
+    error naming it, and nothing is written."""
+    from omni_jax.checkpoint import safetensors_io as S
+    from omni_jax.checkpoint.assign import CheckpointError
+
+    src = _tensors(bf16_dir)
+    gone = sorted(k for k in src if ".mlp.experts.3." in k)[0]
+    tensors = {k: v for k, v in src.items() if k != gone}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    S.write_file(str(bad / "model.safetensors"), {**tensors, "thinker.model.extra.weight": src[gone]})
+    for fn in os.listdir(bf16_dir):
+        if not fn.endswith(".safetensors") and not fn.endswith(".index.json"):
+            shutil.copy(os.path.join(bf16_dir, fn), bad / fn)
+    with pytest.raises(CheckpointError, match=r"(?s)missing.*items \[3\] of 8.*unexpected.*thinker.model.extra"):
+        hf_io.convert_hf(str(bad), str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["bad"]
 
 
 # A child that runs `omni-jax convert` with each write step slowed down and announced ("W" on stdout), so the

@@ -18,7 +18,7 @@ from flax import nnx
 
 from omni_jax.checkpoint import keys as K
 from omni_jax.checkpoint import safetensors_io as S
-from omni_jax.checkpoint.assign import CheckpointError, Report, flat_params, get_value, load_tensors
+from omni_jax.checkpoint.assign import CheckpointError, Report, flat_params, get_value, load_tensors, route_tensors
 from omni_jax.checkpoint.safe_write import atomic_dir
 from omni_jax.config import ConfigError, OmniConfig
 from omni_jax.models.omni import OmniModel
@@ -155,6 +155,33 @@ def save_hf(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, max_shar
 def write_hf_files(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, max_shard_bytes: int = 4 << 30,
                    copy_from: str | None = None, progress=None):
     """The files of `save_hf`, written straight into the (new, empty) directory `out`."""
+    _write_hf_dir(export_items(model, dtype=dtype), cfg, out, max_shard_bytes=max_shard_bytes, copy_from=copy_from,
+                  progress=progress, parts=model.parts)
+    return Report()
+
+
+def convert_hf(src: str, out: str, *, dtype=None, max_shard_bytes: int = 4 << 30, progress=None,
+               overwrite: bool = False):
+    """HF directory -> HF directory without building the model (re-shard and/or cast; dtype None keeps each
+    tensor's dtype). Every tensor is checked against the abstract model through the key table (names, shapes,
+    duplicates, missing: the checks of `load_hf`), read into its own buffer (no memory map) and written, so host
+    memory holds the output shard being filled plus one tensor. Written as `save_hf` (atomic, --overwrite)."""
+    files = shard_files(src)
+    cfg = load_config(src)
+    model = nnx.eval_shape(lambda: OmniModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    report = Report()
+    routed = route_tensors(flat_params(model), (kv for fn in files for kv in S.iter_tensors(fn, copy=True)), report,
+                           skip_prefixes=model.skipped_prefixes())
+    items = ((key, value if dtype is None else value.astype(dtype)) for key, _path, _idx, _tr, value in routed)
+    with atomic_dir(out, overwrite=overwrite, sources=(src,)) as tmp:
+        _write_hf_dir(items, cfg, tmp, max_shard_bytes=max_shard_bytes, copy_from=src, progress=progress,
+                      parts=model.parts, before_finish=lambda: report.raise_if_bad(f"checkpoint {src}"))
+
+
+def _write_hf_dir(items, cfg: OmniConfig, out: str, *, max_shard_bytes: int, copy_from: str | None, progress,
+                  parts, before_finish=None):
+    """Write (hf_key, array) items as shards (+ index), config.json (dtype: the one holding most bytes) and the
+    side files of `copy_from`. Shards are written under temporary names and renamed once their count is known."""
     os.makedirs(out, exist_ok=True)
     dtypes: dict[str, int] = {}
     shard, shard_bytes, total = {}, 0, 0
@@ -167,7 +194,7 @@ def write_hf_files(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, m
         written.append((name, list(shard)))
         shard, shard_bytes = {}, 0
 
-    for key, value in export_items(model, dtype=dtype):
+    for key, value in items:
         if shard and shard_bytes + value.nbytes > max_shard_bytes:
             flush()
         shard[key] = value
@@ -176,12 +203,13 @@ def write_hf_files(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, m
         total += value.nbytes
         if progress is not None:
             progress(key)
+    if before_finish is not None:
+        before_finish()
     if shard:
         flush()
-    tmp_names = written
-    n = len(tmp_names)
+    n = len(written)
     weight_map = {}
-    for i, (tmp, keys) in enumerate(tmp_names):
+    for i, (tmp, keys) in enumerate(written):
         final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         os.replace(os.path.join(out, tmp), os.path.join(out, final))
         for k in keys:
@@ -193,7 +221,7 @@ def write_hf_files(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, m
     hf_cfg = cfg.to_hf()
     if dtypes:  # the dtype holding most bytes (transformers' config has one dtype)
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = max(dtypes, key=dtypes.get)
-    if "talker" not in model.parts:
+    if "talker" not in parts:
         hf_cfg["enable_audio_output"] = False
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
@@ -202,4 +230,3 @@ def write_hf_files(model: OmniModel, cfg: OmniConfig, out: str, *, dtype=None, m
             src = os.path.join(copy_from, fn)
             if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out, fn)):
                 shutil.copy(src, os.path.join(out, fn))
-    return Report()
