@@ -156,12 +156,11 @@ def test_sigkill_during_convert_never_leaves_a_broken_target(tiny_hf_dir, bf16_d
     target = str(tmp_path / "target")
     assert cli.main(["convert", "--model", tiny_hf_dir, "--out", target, "--to", "hf",
                      "--max-shard-size", "300KB"]) == 0
-    for _ in range(2):
-        _kill_during_write(["convert", "--model", bf16_dir, "--out", target, "--to", "hf", "--overwrite",
-                            "--max-shard-size", "50KB"], 1.5, rng)
-        got = _tensors(target)
-        assert _same(got, fp32) or _same(got, bf16)
-        hf_io.load_hf(target, dtype=None)
+    _kill_during_write(["convert", "--model", bf16_dir, "--out", target, "--to", "hf", "--overwrite",
+                        "--max-shard-size", "50KB"], 1.5, rng)
+    got = _tensors(target)
+    assert _same(got, fp32) or _same(got, bf16)
+    hf_io.load_hf(target, dtype=None)
     # 3. --overwrite of an Orbax folder: the old one loads until the new one is in place.
     orb = str(tmp_path / "orb")
     assert cli.main(["convert", "--model", tiny_hf_dir, "--out", orb, "--to", "orbax"]) == 0
