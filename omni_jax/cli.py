@@ -73,6 +73,8 @@ def _add_convert(sub):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype of the result (default: as stored)")
     p.add_argument("--max-shard-size", type=str, default="4GB", help="HF export shard size, e.g. 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out as a whole (the old one "
+                                                             "stays intact until the new one is complete)")
 
 
 def _add_init(sub):
@@ -82,14 +84,13 @@ def _add_init(sub):
     p.add_argument("--preset", default="tiny", help="architecture preset (tiny)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out as a whole")
 
 
 def _size(s: str) -> int:
-    s = s.strip().upper()
-    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[:-len(unit)]) * mult)
-    return int(s)
+    from omni_jax.cli_checks import parse_size
+
+    return parse_size(s)
 
 
 def cmd_generate(a) -> int:
@@ -119,12 +120,14 @@ def cmd_generate(a) -> int:
 def _speak(a, session, messages, sampling) -> int:
     import soundfile
 
+    from omni_jax.cli_checks import speak_format
     from omni_jax.speech import SAMPLE_RATE, talker_sampling
 
     out = session.speak(messages, speaker=a.speaker, max_new_tokens=a.max_new_tokens, sampling=sampling,
                         talker_max_new_tokens=a.talker_max_new_tokens,
                         talker=talker_sampling(greedy=a.greedy, seed=a.seed))
-    soundfile.write(a.speak, out.pop("waveform"), SAMPLE_RATE, subtype="FLOAT")
+    fmt, subtype = speak_format(a.speak)
+    soundfile.write(a.speak, out.pop("waveform"), SAMPLE_RATE, format=fmt, subtype=subtype)
     out.pop("codes")
     out.pop("codec_finished")
     out["audio_path"] = a.speak
@@ -143,20 +146,25 @@ def cmd_convert(a) -> int:
     from omni_jax.checkpoint import orbax_io
     from omni_jax.inference import DTYPES
 
-    dtype = DTYPES[a.dtype] if a.dtype else None
+    dtype = DTYPES[a.dtype] if a.dtype else None  # None: each tensor as stored
+    if a.to == "hf" and not orbax_io.is_orbax_dir(a.model):  # streamed tensor by tensor, no model built
+        with tqdm(desc="converting", unit="tensor") as bar:
+            hf_io.convert_hf(a.model, a.out, dtype=dtype, max_shard_bytes=_size(a.max_shard_size),
+                             progress=lambda k: bar.update(1), overwrite=a.overwrite)
+        print(f"wrote {a.to} checkpoint to {a.out}", file=sys.stderr)
+        return 0
     if orbax_io.is_orbax_dir(a.model):
         model, cfg = orbax_io.load_orbax(a.model, dtype=dtype)
     else:
         total = sum(len(hf_io.S.read_header(f)[0]) for f in hf_io.shard_files(a.model))
         with tqdm(total=total, desc="reading", unit="tensor") as bar:
-            model, cfg = hf_io.load_hf(a.model, dtype=dtype or "float32" and __import__("jax.numpy").numpy.float32,
-                                       progress=lambda k: bar.update(1))
+            model, cfg = hf_io.load_hf(a.model, dtype=dtype, progress=lambda k: bar.update(1))
     if a.to == "orbax":
-        orbax_io.save_orbax(model, cfg, a.out, copy_from=a.model)
+        orbax_io.save_orbax(model, cfg, a.out, copy_from=a.model, overwrite=a.overwrite)
     else:
         with tqdm(desc="writing", unit="tensor") as bar:
             hf_io.save_hf(model, cfg, a.out, max_shard_bytes=_size(a.max_shard_size), copy_from=a.model,
-                          progress=lambda k: bar.update(1))
+                          progress=lambda k: bar.update(1), overwrite=a.overwrite)
     print(f"wrote {a.to} checkpoint to {a.out}", file=sys.stderr)
     return 0
 
@@ -177,7 +185,7 @@ def cmd_plan(a) -> int:
 def cmd_init(a) -> int:
     from omni_jax.init_model import write_random_model
 
-    write_random_model(a.out, preset_name=a.preset, seed=a.seed)
+    write_random_model(a.out, preset_name=a.preset, seed=a.seed, overwrite=a.overwrite)
     print(f"wrote a random {a.preset} model to {a.out}", file=sys.stderr)
     return 0
 
@@ -228,19 +236,33 @@ def main(argv=None) -> int:
     _add_convert(sub)
     _add_init(sub)
     _add_train(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     a, extra = parser.parse_known_args(argv)
     if extra and a.cmd != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     a.overrides = extra
     handlers = {"generate": cmd_generate, "convert": cmd_convert, "init": cmd_init, "plan": cmd_plan,
                 "train": cmd_train}
+    from omni_jax.cli_checks import check_args
     from omni_jax.errors import user_errors
 
     try:
+        check_args(a)  # every argument before any work
         return handlers[a.cmd](a)
     except user_errors() as e:
+        if a.debug:
+            raise
         print(f"omni-jax {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, or bad input not yet recognised: one line; --debug shows the traceback
+        if a.debug:
+            raise
+        from omni_jax.checkpoint.validate import short_reason
+
+        print(f"omni-jax {a.cmd}: internal error: {short_reason(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

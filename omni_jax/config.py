@@ -71,8 +71,13 @@ class _HFConfig:
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
                 raise ConfigError(f"config file not found: {path}")
-            with open(path) as f:
-                d = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    d = json.load(f)
+            except ValueError as e:  # malformed JSON or not UTF-8
+                raise ConfigError(f"{path}: not a valid JSON config ({e})") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path}: a config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         for alias, name in cls.ALIASES.items():
             if alias in d and name not in d:

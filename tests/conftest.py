@@ -5,7 +5,8 @@ available) before transformers is imported anywhere, because transformers checks
 
 Fixtures (all session-scoped, each directory built once per test session):
   tiny_hf_dir_factory(variant="a", layout="v5", enable_audio_output=True) -> str: a tiny random HF checkpoint
-      directory (see hf_fixtures.build_tiny_hf_dir); variants "a" (omni_jax.config.tiny) and "b" (other shapes).
+      directory (see hf_fixtures.build_tiny_hf_dir); variants "a" (omni_jax.config.tiny), "b" (other shapes) and
+      "c" ("a" with the talker reading the thinker's last layer).
   tiny_hf_dir: variant "a", v5 layout, with audio output.
   tiny_hf_dir_b: variant "b", v5 layout, with audio output.
   tiny_hf_dir_legacy: variant "a", legacy processor layout (preprocessor_config.json + chat_template.json).

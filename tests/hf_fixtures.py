@@ -12,6 +12,8 @@ Variants:
   "b": different shapes: text hidden 80 with 5 heads of head_dim 24 (head_dim != hidden/heads) and 1 kv head,
        6 experts top-3 without top-k renormalisation, 3 layers, mrope_section (6, 3, 3); a wider 3-layer audio
        encoder and a vision encoder with another DeepStack layout.
+  "c": "a" with the talker reading the thinker's last layer (accept_hidden_layer = 4 = thinker depth), where the
+       reference's hidden state is the final *normed* output.
 
 The video processor of transformers needs torchvision; see `import_torchvision`, which runs when this module is
 imported and must run before transformers is first imported.
@@ -28,7 +30,7 @@ import sys
 from omni_jax import config as C
 from omni_jax.processing.tiny_tokenizer import write_processor_config, write_tiny_tokenizer
 
-VARIANTS = ("a", "b")
+VARIANTS = ("a", "b", "c")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where a CPU-compatible torchvision may be installed with `pip install --no-deps --target DIR torchvision==0.29.1`
 # (the wheels on the index are CUDA builds whose compiled ops do not load next to the CPU torch).
@@ -86,6 +88,10 @@ def variant_config(variant: str = "a", enable_audio_output: bool = True) -> C.Om
     base = C.tiny(enable_audio_output=enable_audio_output)
     if variant == "a":
         return base
+    if variant == "c":
+        depth = base.thinker_config.text_config.num_hidden_layers
+        return dataclasses.replace(base, talker_config=dataclasses.replace(base.talker_config,
+                                                                           accept_hidden_layer=depth))
     if variant != "b":
         raise ValueError(f"unknown fixture variant {variant!r}; expected one of {VARIANTS}")
     th = base.thinker_config

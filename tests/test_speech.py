@@ -159,9 +159,11 @@ def test_variant_b_text_prompt_matches_transformers(tiny_hf_dir_b):
     _check_speech(session, tp, cap, n_tokens=6)
 
 
-def _media_messages(tmp_path, with_image: bool):
-    sf.write(tmp_path / "a.wav", _tone(1.3, 220), 16000, subtype="FLOAT")
-    parts = [{"type": "audio", "path": "a.wav"}]
+def _media_messages(tmp_path, with_image: bool, with_audio: bool = True):
+    parts = []
+    if with_audio:
+        sf.write(tmp_path / "a.wav", _tone(1.3, 220), 16000, subtype="FLOAT")
+        parts.append({"type": "audio", "path": "a.wav"})
     if with_image:
         from PIL import Image
 
@@ -174,9 +176,12 @@ def _media_messages(tmp_path, with_image: bool):
 
 def _hf_media_kwargs(prompt):
     """The thinker inputs of our prompt in HF's form (features are tested equal to HF's in test_audio_features)."""
-    feats, frames = prompt.audio
-    kw = {"input_features": torch.tensor(feats),
-          "feature_attention_mask": torch.tensor(np.arange(feats.shape[-1])[None] < frames[:, None], dtype=torch.long)}
+    kw = {}
+    if prompt.audio is not None:
+        feats, frames = prompt.audio
+        kw = {"input_features": torch.tensor(feats),
+              "feature_attention_mask": torch.tensor(np.arange(feats.shape[-1])[None] < frames[:, None],
+                                                     dtype=torch.long)}
     if prompt.image is not None:
         kw.update(pixel_values=torch.tensor(prompt.image[0]), image_grid_thw=torch.tensor(prompt.image[1]))
     return kw
@@ -338,3 +343,34 @@ def test_cli_speak(tiny_hf_dir, tiny_hf_dir_factory, text_run, tmp_path, capsys)
         code = cli.main(["generate", "--model", model, "--messages", str(msgs), "--speak", wav_path, *extra])
         out, err = capsys.readouterr()
         assert code == 2 and out == "" and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["text", "audio", "image"])
+def test_talker_reading_the_last_thinker_layer_matches_transformers(kind, tiny_hf_dir_factory, tmp_path):
+    """Fixture c: accept_hidden_layer = thinker depth. transformers' hidden_states[-1] is the final *normed* output
+    (tied to last_hidden_state), so the talker's multimodal rows take the post-norm state: codec frames equal."""
+    path = tiny_hf_dir_factory("c")
+    session, hf = _session_and_hf(path)
+    assert session.cfg.talker_config.accept_hidden_layer == session.cfg.thinker_config.text_config.num_hidden_layers
+    if kind == "text":
+        messages, kwargs = chat.parse_messages(TEXT), {}
+    else:
+        messages = _media_messages(tmp_path, with_image=kind == "image", with_audio=kind == "audio")
+        kwargs = _hf_media_kwargs(session.prompt(messages))
+    out, tp = session.talker_prompt(messages, max_new_tokens=THINKER_TOKENS, sampling=session.sampling(greedy=True))
+    cap = hf_speech(hf, out["prompt_token_ids"], talker_max_new_tokens=6, **kwargs)
+    assert out["token_ids"] == cap["generated"]
+    _check_prompt(session, hf, tp, cap)
+    _check_speech(session, tp, cap, n_tokens=6)
+
+
+_SESSIONS: dict = {}
+
+
+def _session_and_hf(path):
+    """One OmniSession and HF model per checkpoint directory for this module."""
+    if path not in _SESSIONS:
+        hf = hf_model_from_dir(path)
+        hf.talker.config.audio_config = hf.config.thinker_config.audio_config  # P13a, as in the `hf` fixture
+        _SESSIONS[path] = (OmniSession(path, speech=True), hf)
+    return _SESSIONS[path]

@@ -72,35 +72,16 @@ def _target_shape(var) -> tuple:
     return tuple(get_value(var).shape)
 
 
-def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]] | dict, *, root: str = "",
-                 dtype=None, rules=None, shardings: dict | None = None, skip_prefixes: tuple[str, ...] = (),
-                 progress=None, strict: bool = True) -> Report:
-    """Assign HF tensors to `model` in place (works on an `nnx.eval_shape` model too).
+def route_tensors(params: dict, tensors: Iterable[tuple[str, np.ndarray]], report: Report, *, root: str = "",
+                  rules=None, skip_prefixes: tuple[str, ...] = ()):
+    """Match HF tensors to parameters ({our_path: Variable}, e.g. of an `nnx.eval_shape` model) through the key
+    table, checking names, shapes and duplicates; nothing is materialised here.
 
-    root: the HF-path prefix this module corresponds to ("" for the whole omni model).
-    dtype: cast every parameter to this dtype (default: the model's parameter dtype).
-    shardings: optional {our_path: jax.sharding.Sharding} to place each finished tensor directly.
-    skip_prefixes: HF key prefixes that are deliberately not loaded (e.g. "talker." for a thinker-only load).
-    """
-    if isinstance(tensors, dict):
-        tensors = tensors.items()
-    params = flat_params(model)
+    Yields (canonical hf_key, our_path, item index for stacked (expert) parameters or None, transform, value).
+    Problems go to `report`; once the input is exhausted every parameter (or stacked item) that no tensor filled is
+    in report.missing."""
     pre = root + "." if root else ""
-    report = Report()
-    done: dict[str, object] = {}
-    buffers: dict[str, tuple[np.ndarray, set]] = {}
-
-    def finish(path, arr):
-        var = params[path]
-        target_dtype = dtype or get_value(var).dtype
-        if shardings and path in shardings:
-            # Each device (and so each host) materialises only its own shard of the tensor.
-            value = jax.make_array_from_callback(
-                arr.shape, shardings[path], lambda index: np.asarray(arr[index]).astype(target_dtype))
-        else:
-            value = jnp.asarray(arr, dtype=target_dtype)
-        done[path] = value
-
+    seen: dict[str, set] = {}
     for key, value in tensors:
         key = K.canonical_hf_key(key)
         if any(key.startswith(p) for p in skip_prefixes):
@@ -125,44 +106,83 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]] | 
             value = np.asarray(value)
             tshape = _target_shape(params[path])
             stack = rule.stack_names
+            got = seen.setdefault(path, set())
             if not stack:
-                if path in done:
+                if got:
                     report.duplicate.append(key)
                     continue
                 if tr.jax_shape(value.shape) != tshape:
                     report.mismatched.append(f"{key}: checkpoint {tuple(value.shape)} -> {tr.jax_shape(value.shape)}"
                                              f", model {path} expects {tshape}")
                     continue
-                finish(path, tr.to_jax(value))
+                got.add(None)
+                yield key, path, None, tr, value
             else:
                 idx = int(groups[stack[0]])
                 if tr.jax_shape(value.shape) != tshape[1:] or not 0 <= idx < tshape[0]:
                     report.mismatched.append(f"{key}: checkpoint {tuple(value.shape)} (item {idx}), model {path} "
                                              f"expects {tshape[0]} items of {tshape[1:]}")
                     continue
-                if path in done:
+                if idx in got:
                     report.duplicate.append(key)
                     continue
-                buf, seen = buffers.get(path, (None, None))
-                if buf is None:
-                    buf, seen = np.empty(tshape, dtype=value.dtype), set()
-                    buffers[path] = (buf, seen)
-                if idx in seen:
-                    report.duplicate.append(key)
-                    continue
-                buf[idx] = tr.to_jax(value)
-                seen.add(idx)
-                if len(seen) == tshape[0]:
-                    finish(path, buf)
-                    del buffers[path]
-            if progress is not None:
-                progress(key)
-    for path, (_buf, seen) in buffers.items():
-        n = _target_shape(params[path])[0]
-        report.missing.append(f"{path}: items {sorted(set(range(n)) - seen)[:10]} of {n}")
-    for path in params:
-        if path not in done and path not in buffers:
+                got.add(idx)
+                yield key, path, idx, tr, value
+    for path, var in params.items():
+        got = seen.get(path)
+        if not got:
             report.missing.append(path)
+        elif None not in got and len(got) < _target_shape(var)[0]:
+            n = _target_shape(var)[0]
+            report.missing.append(f"{path}: items {sorted(set(range(n)) - got)[:10]} of {n}")
+
+
+def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]] | dict, *, root: str = "",
+                 dtype=None, rules=None, shardings: dict | None = None, skip_prefixes: tuple[str, ...] = (),
+                 progress=None, strict: bool = True, as_stored: bool = False) -> Report:
+    """Assign HF tensors to `model` in place (works on an `nnx.eval_shape` model too).
+
+    root: the HF-path prefix this module corresponds to ("" for the whole omni model).
+    dtype: cast every parameter to this dtype (default: the model's parameter dtype); as_stored: keep each
+    tensor's dtype from the checkpoint instead.
+    shardings: optional {our_path: jax.sharding.Sharding} to place each finished tensor directly.
+    skip_prefixes: HF key prefixes that are deliberately not loaded (e.g. "talker." for a thinker-only load).
+    """
+    if isinstance(tensors, dict):
+        tensors = tensors.items()
+    params = flat_params(model)
+    report = Report()
+    done: dict[str, object] = {}
+    buffers: dict[str, tuple[np.ndarray, list]] = {}
+
+    def finish(path, arr):
+        var = params[path]
+        target_dtype = arr.dtype if as_stored else (dtype or get_value(var).dtype)
+        if shardings and path in shardings:
+            # Each device (and so each host) materialises only its own shard of the tensor.
+            value = jax.make_array_from_callback(
+                arr.shape, shardings[path], lambda index: np.asarray(arr[index]).astype(target_dtype))
+        else:
+            value = jnp.asarray(arr, dtype=target_dtype)
+        done[path] = value
+
+    for key, path, idx, tr, value in route_tensors(params, tensors, report, root=root, rules=rules,
+                                                   skip_prefixes=skip_prefixes):
+        if idx is None:
+            finish(path, tr.to_jax(value))
+        else:
+            tshape = _target_shape(params[path])
+            buf, count = buffers.get(path, (None, None))
+            if buf is None:
+                buf, count = np.empty(tshape, dtype=value.dtype), [0]
+                buffers[path] = (buf, count)
+            buf[idx] = tr.to_jax(value)
+            count[0] += 1
+            if count[0] == tshape[0]:
+                finish(path, buf)
+                del buffers[path]
+        if progress is not None:
+            progress(key)
     if strict:
         report.raise_if_bad()
     # Write the values into the model (replacing abstract ShapeDtypeStructs where the model was abstract).

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from omni_jax.checkpoint.assign import CheckpointError
+from omni_jax.checkpoint.validate import BrokenCheckpointError, check_pytree_dir, restore_errors, short_reason
 from omni_jax.config import OmniConfig
 from omni_jax.models.omni import OmniModel
 
@@ -42,21 +43,34 @@ def is_orbax_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS)) and os.path.exists(os.path.join(path, META))
 
 
-def save_orbax(model: OmniModel, cfg: OmniConfig, out: str, *, copy_from: str | None = None):
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    target = os.path.join(out, PARAMS)
-    if os.path.exists(target):
-        shutil.rmtree(target)
+def save_orbax(model: OmniModel, cfg: OmniConfig, out: str, *, copy_from: str | None = None,
+               overwrite: bool = False, sources=None):
+    """Write a converted directory (see the module docstring) with each parameter in its own dtype.
+
+    Written into a temporary sibling and moved into place when complete (checkpoint/safe_write.py): a non-empty
+    `out` is refused unless `overwrite`, and then replaced as a whole. `out` may not overlap `sources` (default:
+    copy_from); the trainer's export passes () as its model is in memory (re-exporting over --init-from is fine)."""
+    from omni_jax.checkpoint.safe_write import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite, sources=(copy_from,) if sources is None else sources) as tmp:
+        _write_orbax_files(model, cfg, tmp, copy_from)
+
+
+def _write_orbax_files(model: OmniModel, cfg: OmniConfig, out: str, copy_from: str | None):
     state = nnx.state(model, nnx.Param)
     with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(target, nnx.to_pure_dict(state))
+        ckptr.save(os.path.join(out, PARAMS), nnx.to_pure_dict(state))
+    nbytes: dict[str, int] = {}
+    for leaf in jax.tree.leaves(state):
+        nbytes[str(leaf.dtype)] = nbytes.get(str(leaf.dtype), 0) + leaf.size * leaf.dtype.itemsize
+    dtype = max(nbytes, key=nbytes.get)  # the dtype holding most bytes; each array keeps its own
+    hf_cfg = cfg.to_hf()
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_hf(), f, indent=2)
-    dtype = str(jax.tree.leaves(state)[0].dtype)
+        json.dump(hf_cfg, f, indent=2)
     with open(os.path.join(out, META), "w") as f:
         json.dump({"format": "omni_jax-orbax", "parts": list(model.parts), "param_dtype": dtype,
-                   "param_layout": PARAM_LAYOUT}, f)
+                   "param_dtypes": sorted(nbytes), "param_layout": PARAM_LAYOUT}, f)
     if copy_from:
         from omni_jax.checkpoint.hf import SIDE_FILES
 
@@ -74,19 +88,28 @@ def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None, m
     path = os.path.abspath(path)
     if not is_orbax_dir(path):
         raise CheckpointError(f"{path} is not an omni_jax Orbax checkpoint (no {PARAMS}/ and {META})")
-    with open(os.path.join(path, META)) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or not isinstance(meta.get("parts"), list):
+            raise ValueError("no list of parts")
+    except ValueError as e:
+        raise BrokenCheckpointError(f"{os.path.join(path, META)}: unreadable ({short_reason(e)})") from e
     check_layout(meta.get("param_layout"), path)
+    check_pytree_dir(os.path.join(path, PARAMS))
     cfg = OmniConfig.from_hf(os.path.join(path, "config.json"))
     saved_parts = tuple(meta["parts"])
     parts = saved_parts if parts is None else tuple(parts)
     if not set(parts) <= set(saved_parts):
         raise CheckpointError(f"{path} holds parts {saved_parts}; asked for {parts}")
-    dtype = jnp.dtype(dtype or meta["param_dtype"])
+    as_stored = dtype is None
+    dtype = jnp.dtype(dtype or meta.get("param_dtype", "float32"))
     abstract = nnx.eval_shape(lambda: OmniModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), parts=parts))
     graphdef, abs_state = nnx.split(abstract)
     # Restore only the parts asked for: Orbax reads the subtree named by the target and nothing else.
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abs_state))
+    if as_stored and len(meta.get("param_dtypes", ())) > 1:  # mixed dtypes: each array as saved
+        target = _stored_dtypes(os.path.join(path, PARAMS), target)
     if mesh is not None:
         from omni_jax import sharding
 
@@ -96,10 +119,24 @@ def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None, m
     else:
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         where = jax.tree.map(lambda _: single, target)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr, restore_errors(os.path.join(path, PARAMS)):
         restore_args = jax.tree.map(lambda x, sh: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=sh), target, where)
         extra = {"partial_restore": True} if parts != saved_parts else {}
         restored = ckptr.restore(os.path.join(path, PARAMS),
                                  args=ocp.args.PyTreeRestore(target, restore_args=restore_args, **extra))
     nnx.replace_by_pure_dict(abs_state, restored)
     return nnx.merge(graphdef, abs_state), cfg
+
+
+def _stored_dtypes(params_dir: str, target):
+    """`target` (a tree of ShapeDtypeStructs) with each array's dtype as stored in the checkpoint."""
+    with ocp.PyTreeCheckpointer() as ckptr, restore_errors(params_dir):
+        stored = ckptr.metadata(params_dir).tree
+
+    def pick(path, x):
+        node = stored
+        for k in path:
+            node = node.get(k.key) if isinstance(node, dict) else None
+        return jax.ShapeDtypeStruct(x.shape, node.dtype) if getattr(node, "dtype", None) is not None else x
+
+    return jax.tree_util.tree_map_with_path(pick, target)

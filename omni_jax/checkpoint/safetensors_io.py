@@ -45,22 +45,35 @@ def read_header(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def iter_tensors(path: str, keys=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) lazily; arrays are read-only views of a memory map (copy before mutating)."""
+def iter_tensors(path: str, keys=None, *, copy: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) lazily; arrays are read-only views of a memory map (copy before mutating).
+
+    copy=True reads each tensor into its own new array instead (no memory map stays resident: a streaming reader
+    then holds one tensor at a time)."""
     header, offset = read_header(path)
     size = os.path.getsize(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, info in header.items():
-        if keys is not None and name not in keys:
-            continue
-        dt = DTYPES.get(info["dtype"])
-        if dt is None:
-            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        if offset + end > size:
-            raise SafetensorsError(f"{path}: tensor {name} extends past the end of the file (truncated shard?)")
-        arr = mm[offset + start:offset + end].view(dt).reshape(info["shape"])
-        yield name, arr
+    mm = None if copy else np.memmap(path, dtype=np.uint8, mode="r")
+    f = open(path, "rb") if copy else None
+    try:
+        for name, info in header.items():
+            if keys is not None and name not in keys:
+                continue
+            dt = DTYPES.get(info["dtype"])
+            if dt is None:
+                raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            if offset + end > size:
+                raise SafetensorsError(f"{path}: tensor {name} extends past the end of the file (truncated shard?)")
+            if copy:
+                raw = np.empty(end - start, dtype=np.uint8)
+                f.seek(offset + start)
+                f.readinto(raw)
+            else:
+                raw = mm[offset + start:offset + end]
+            yield name, raw.view(dt).reshape(info["shape"])
+    finally:
+        if f is not None:
+            f.close()
 
 
 def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):

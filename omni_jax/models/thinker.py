@@ -67,7 +67,8 @@ class TextModel(nnx.Module):
 
         cache: list of (k, v) per layer or None. deepstack: list of [B, T, H] tensors (zero outside visual
         positions) added to the outputs of the first len(deepstack) layers. collect_hidden: indices into the
-        reference's `hidden_states` tuple (0 = embeddings, i = output of layer i-1 before DeepStack) to return.
+        reference's `hidden_states` tuple (0 = embeddings, i = output of layer i-1 before DeepStack; the last
+        index, num_hidden_layers, is the final normed output, as transformers ties it to last_hidden_state).
         Returns (final-normed hidden [B, T, H], new cache, stats): stats["hidden"] {i: ...}, stats["router"]
         [(probs, idx), ...] and stats["router_logits"] [raw router logits [B*T, E], ...] per layer ((None, None)
         and None for dense layers). The logits are a separate list so that (probs, idx) unpacking keeps working.
@@ -88,11 +89,13 @@ class TextModel(nnx.Module):
             new_cache.append(c)
             router.append(r[:2])
             router_logits.append(r[2])
-            if i + 1 in collect_hidden:
+            if i + 1 in collect_hidden and i + 1 < len(self.layers):
                 hidden[i + 1] = x
             if deepstack is not None and i < len(deepstack):
                 x = x + deepstack[i].astype(x.dtype)
         x = self.norm(x)
+        if len(self.layers) in collect_hidden:
+            hidden[len(self.layers)] = x
         stats = {"hidden": hidden, "router": router, "router_logits": router_logits}
         return x, (new_cache if cache is not None else None), stats
 

@@ -151,6 +151,8 @@ def load_messages(path: str | os.PathLike) -> list[Message]:
         raise MessagesError(f"messages file not found: {path}") from e
     except json.JSONDecodeError as e:
         raise MessagesError(f"{path}: malformed JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise MessagesError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     return parse_messages(data, os.path.dirname(os.path.abspath(path)))
 
 

@@ -441,8 +441,13 @@ class Trainer:
         # Shapes, dtypes and shardings of the current (already placed) state: under a mesh every array is read
         # straight onto its shards, whatever mesh wrote the checkpoint.
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
-        got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         data=ocp.args.JsonRestore()))
+        from omni_jax.checkpoint.validate import restore_newest_intact
+
+        step, got, skipped = restore_newest_intact(mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())))
+        self.skipped_steps = [s for s, _ in skipped]
+        for s, why in skipped:
+            log.warning("skipped broken checkpoint step %d (moved to %s.broken): %s", s, s, why)
         self.state = got["state"]
         data_it.restore(got["data"])
         log.info("resumed from %s step %d", mngr.directory, step)
@@ -534,6 +539,8 @@ class Trainer:
             if final:
                 metrics.write({"step": step, **final})
             done = {"status": "done", "step": step, "wall_s": time.time() - t_start, **last, **final}
+            if getattr(self, "skipped_steps", None):
+                done["skipped_broken_steps"] = self.skipped_steps
             if tc.export:
                 done["export"] = self.export(os.path.join(self.workdir, "export"))
                 if self.cfg.toy.enabled and self.talker is None:
@@ -555,7 +562,7 @@ class Trainer:
     def export(self, out: str):
         from omni_jax.checkpoint.orbax_io import save_orbax
 
-        save_orbax(self.merged_model(), self.mcfg, out, copy_from=self.tok_dir)
+        save_orbax(self.merged_model(), self.mcfg, out, copy_from=self.tok_dir, overwrite=True, sources=())
         return out
 
 
@@ -564,6 +571,9 @@ def train(config: str, workdir: str, overrides: list[str] = (), *, init_from: st
     """Load a config file, apply overrides, run. `mesh` / `rules` (the CLI's --mesh / --rules) override
     config.mesh.spec / config.mesh.rules (a config without a mesh section gets one)."""
     cfg = apply_overrides(load_config_file(config), list(overrides))
+    from omni_jax.cli_checks import check_train_config
+
+    check_train_config(cfg)  # impossible numbers are refused before any model is built
     if mesh is not None or rules is not None:
         spec, preset = mesh_config(cfg)
         with cfg.unlocked():
