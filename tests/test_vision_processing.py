@@ -9,6 +9,10 @@ PIL backend; Pillow's own bicubic differs from torch's by up to ~22 uint8 levels
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +157,22 @@ def test_video_matches_image_processor_math(n_frames):
     assert grid == (gt, 18, 30) and spg == 1.0
     want = np.concatenate([np.stack([per[2 * k][0], per[2 * k + 1][0]], axis=2) for k in range(gt)])
     np.testing.assert_array_equal(got, want.reshape(got.shape))
+
+
+def test_missing_torchvision_fails_under_ci(tmp_path):
+    """With torchvision unavailable, a `needs_torchvision` test skips locally and fails under CI=true (a small
+    test file run with this directory's conftest as a plugin; nothing heavy is imported)."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "test_probe.py").write_text("from hf_fixtures import needs_torchvision\n\n\n"
+                                            "@needs_torchvision\ndef test_probe():\n    pass\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "--rootdir",
+           str(tmp_path), str(tmp_path / "test_probe.py")]
+    path = os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
+    for ci, code, summary in (("true", 1, "1 error"), ("", 0, "1 skipped")):  # a failed setup is an error
+        env = dict(os.environ, CI=ci, OMNI_JAX_HIDE_TORCHVISION="1", PYTHONPATH=path)
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == code and summary in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        assert ("CI=true: a missing torchvision fails" in r.stdout) == (ci == "true")
 
 
 @needs_torchvision
