@@ -10,17 +10,16 @@ and the 4 patches of a block in raster order, i.e. (grid_t, block_row, block_col
 vector is flatten(C, T, P, P) = 3*2*16*16 = 1536 values, channel-major. A still image fills the T axis with copies
 of itself.
 
-Resizing: the released processor resizes with torchvision (`tvF.resize(uint8, BICUBIC, antialias=True)`, i.e.
-torch's antialiased bicubic on float32 values, then clamp and round); its video processor always does.
-`resize_bicubic_aa` reproduces that kernel in numpy: the same taps and fp32 weights (bit-identical to torch's,
-which a CPU build computes with fused multiply-adds), the separable width-then-height passes in fp32. Against
-transformers' default image / video processors the output differs by at most one uint8 level (1/127.5 after
-normalisation) on a small fraction of pixels whose fp32 value lies within ~1e-4 of a rounding boundary: the
-accumulation order of torch's vectorised loops is not reproduced bit for bit (measured in
-tests/test_vision_processing.py: <= 0.1% of values). Transformers' PIL backend (`Qwen2VLImageProcessorPil`)
-resizes with Pillow's fixed-point bicubic instead (up to ~25 levels apart on noise images, ~2 on smooth ones).
-Inputs whose sides are already multiples of 32 and inside the pixel budget are not resized and match every
-backend exactly.
+Resizing: the released processor resizes with torchvision (`tvF.resize(uint8 image, BICUBIC, antialias=True)`),
+which on CPU runs torch's native uint8 antialiased bicubic (Pillow-SIMD's algorithm: float64 Keys-cubic taps
+turned into int16 fixed point, a width pass then a height pass in integers, each rounded and clamped to uint8);
+its video processor always does. `resize_bicubic_aa` reproduces that kernel in numpy, bit for bit (integer
+arithmetic; tested against torch and against transformers' default image and video processors in
+tests/test_vision_processing.py). The remaining difference to those processors is their fused rescale+normalise:
+<= 1 float32 ulp. Transformers' PIL backend (`Qwen2VLImageProcessorPil`) resizes with Pillow's own bicubic
+instead, up to ~22 uint8 levels apart from torch on resized noise images (~2 on smooth ones; measured). Inputs
+whose sides are already multiples of 32 and inside the pixel budget are not resized and match every backend
+exactly.
 """
 
 from __future__ import annotations
