@@ -26,6 +26,7 @@ SMALL = {  # read by the notebooks' parameter cells
     "OMNI_JAX_NB_TRAIN_STEPS": "20",
     "OMNI_JAX_NB_TRAIN_RECORDS": "48",
     "OMNI_JAX_NB_BATCH_SIZE": "4",
+    "OMNI_JAX_NB_EVAL_RECORDS": "8",
     "OMNI_JAX_NB_DEVICE_COUNTS": "8,64",
 }
 
