@@ -258,13 +258,6 @@ def path_shardings(model: nnx.Module, mesh, rules=DEFAULT_RULES) -> dict[str, Na
             for path, v in nnx.to_flat_state(state)}
 
 
-def shard_model(model: nnx.Module, mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Place every parameter of an existing (concrete) model at its sharding, in place; returns the model."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, named_shardings(state, mesh, rules)))
-    return model
-
-
 def create_sharded(factory, mesh, rules=DEFAULT_RULES):
     """Build `factory()` (an nnx.Module constructor call) with every parameter created directly on its shards:
     the full model never exists on one device."""

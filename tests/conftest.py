@@ -2,6 +2,7 @@
 
 `hf_fixtures` is imported first on purpose: it makes torchvision importable (when a CPU-compatible copy is
 available) before transformers is imported anywhere, because transformers checks for torchvision only once.
+Tests marked `needs_torchvision` skip when it is missing, except under `CI=true`, where they fail.
 
 Fixtures (all session-scoped, each directory built once per test session):
   tiny_hf_dir_factory(variant="a", layout="v5", enable_audio_output=True) -> str: a tiny random HF checkpoint
@@ -16,6 +17,14 @@ Fixtures (all session-scoped, each directory built once per test session):
 
 import hf_fixtures  # noqa: F401  (must precede any transformers import)
 import pytest
+
+
+def pytest_runtest_setup(item):
+    """`@needs_torchvision` tests: skipped without torchvision locally, failed under CI=true (CI installs it)."""
+    if item.get_closest_marker("needs_torchvision") and not hf_fixtures.TORCHVISION_AVAILABLE:
+        if hf_fixtures.IN_CI:
+            pytest.fail(f"{hf_fixtures.TORCHVISION_MISSING} (CI=true: a missing torchvision fails)", pytrace=False)
+        pytest.skip(hf_fixtures.TORCHVISION_MISSING)
 
 
 @pytest.fixture(scope="session")

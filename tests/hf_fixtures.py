@@ -16,7 +16,8 @@ Variants:
        reference's hidden state is the final *normed* output.
 
 The video processor of transformers needs torchvision; see `import_torchvision`, which runs when this module is
-imported and must run before transformers is first imported.
+imported and must run before transformers is first imported. Tests that need it carry `@needs_torchvision`: they
+skip without it locally and fail under `CI=true` (conftest.py), where .ci/run installs it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import math
 import os
 import sys
 
+import pytest
+
 from omni_jax import config as C
 from omni_jax.processing.tiny_tokenizer import write_processor_config, write_tiny_tokenizer
 
@@ -35,6 +38,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where a CPU-compatible torchvision may be installed with `pip install --no-deps --target DIR torchvision==0.29.1`
 # (the wheels on the index are CUDA builds whose compiled ops do not load next to the CPU torch).
 TORCHVISION_DIR = os.environ.get("OMNI_JAX_TORCHVISION_DIR", os.path.join(REPO_ROOT, "tmp", "torchvision"))
+TORCHVISION_MISSING = ("transformers' processor needs torchvision; install a CPU-compatible one with "
+                       f"`pip install --no-deps --target {TORCHVISION_DIR} torchvision==0.29.1`")
+IN_CI = os.environ.get("CI", "").strip().lower() == "true"
+# Marks a test that compares with transformers' processor (see conftest.pytest_runtest_setup).
+needs_torchvision = pytest.mark.needs_torchvision
 
 
 def import_torchvision() -> bool:
@@ -44,6 +52,8 @@ def import_torchvision() -> bool:
     TORCHVISION_DIR is put on sys.path after declaring the two operator schemas (nms, qnms) its Python code
     registers fake kernels for; the resize / normalise transforms the processors use are plain torch.
     """
+    if os.environ.get("OMNI_JAX_HIDE_TORCHVISION") == "1":  # tests of the missing-torchvision behaviour
+        return False
     if "torchvision" in sys.modules:
         return True
     try:
@@ -221,6 +231,8 @@ def verify_hf_dir(path: str) -> None:
     if not os.path.exists(os.path.join(path, "model.safetensors.index.json")):
         raise AssertionError(f"{path}: weights were not sharded")
     if not TORCHVISION_AVAILABLE:
+        if IN_CI:
+            raise AssertionError(f"{path}: cannot check the HF processor: {TORCHVISION_MISSING}")
         return
     proc = load_hf_processor(path)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
@@ -234,8 +246,7 @@ def verify_hf_dir(path: str) -> None:
 def load_hf_processor(path: str):
     """`AutoProcessor.from_pretrained(path)` (needs torchvision for the video processor)."""
     if not TORCHVISION_AVAILABLE:
-        raise RuntimeError("transformers' video processor needs torchvision; install a CPU-compatible one with "
-                           f"`pip install --no-deps --target {TORCHVISION_DIR} torchvision==0.29.1`")
+        raise RuntimeError(TORCHVISION_MISSING)
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(path)

@@ -1,11 +1,11 @@
 """Checks that need 8 devices: run by tests/test_sharding.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (pytest's process has already initialised jax with one).
 
-    python tests/sharding_8dev.py moe hlo create generate speak     # prints one JSON object of measurements
+    python tests/sharding_8dev.py moe hlo create generate speak multimodal   # prints one JSON object
     JAX_ENABLE_X64=1 python tests/sharding_8dev.py thinker
 
-Each section returns numbers; the assertions live in test_sharding.py. Sections speak and generate read the tiny
-speech checkpoint named by $OMNI_JAX_SPEECH_MODEL (test_sharding.py passes the conftest fixture's directory).
+Each section returns numbers; the assertions live in test_sharding.py. Sections speak, generate and multimodal read
+the tiny speech checkpoint named by $OMNI_JAX_SPEECH_MODEL (test_sharding.py passes the conftest fixture's directory).
 """
 
 from __future__ import annotations
@@ -344,8 +344,34 @@ def section_speak():
     return out
 
 
+def section_multimodal():
+    """Greedy `omni-jax generate` of an audio + image prompt (both encoders, DeepStack, TM-RoPE) on the tiny
+    checkpoint ($OMNI_JAX_SPEECH_MODEL), on one device and with --mesh data=2,expert=4: prompt and output ids."""
+    import soundfile
+    from PIL import Image
+
+    model = os.environ["OMNI_JAX_SPEECH_MODEL"]
+    d = tempfile.mkdtemp()
+    t = np.arange(16000) / 16000
+    soundfile.write(os.path.join(d, "a.wav"), (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    yy, xx = np.mgrid[0:64, 0:96]
+    img = np.stack([(xx * 3) % 256, (yy * 5) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(d, "b.png"))
+    msgs = os.path.join(d, "m.json")
+    with open(msgs, "w") as f:
+        json.dump([{"role": "user", "content": [{"type": "audio", "path": "a.wav"}, {"type": "image", "path": "b.png"},
+                                                {"type": "text", "text": "What do you hear and see?"}]}], f)
+    out = {}
+    for spec in (None, "data=2,expert=4"):
+        rc, text = _cli(["generate", "--model", model, "--messages", msgs, "--greedy", "--json",
+                         "--max-new-tokens", "6"] + (["--mesh", spec] if spec else []))
+        res = json.loads(text) if rc == 0 else {}
+        out[str(spec)] = {"rc": rc, "prompt_token_ids": res.get("prompt_token_ids"), "token_ids": res.get("token_ids")}
+    return out
+
+
 SECTIONS = {"moe": section_moe, "thinker": section_thinker, "hlo": section_hlo, "create": section_create,
-            "generate": section_generate, "speak": section_speak}
+            "generate": section_generate, "speak": section_speak, "multimodal": section_multimodal}
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()

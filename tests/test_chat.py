@@ -21,9 +21,7 @@ from omni_jax.processing.chat import (
 from omni_jax.processing.tiny_tokenizer import write_processor_config, write_tiny_tokenizer
 from omni_jax.processing.tokenizer import Tokenizer, TokenizerError, load_processor_settings
 
-needs_processor = pytest.mark.skipif(not hf_fixtures.TORCHVISION_AVAILABLE,
-                                     reason="transformers' video processor needs torchvision "
-                                            f"(install it under {hf_fixtures.TORCHVISION_DIR})")
+needs_processor = hf_fixtures.needs_torchvision
 LAYOUTS = ("v5", "legacy")
 
 TEXTS = [

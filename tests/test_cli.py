@@ -1,6 +1,8 @@
 """`omni-jax` end to end: init -> generate, convert HF -> Orbax -> generate, and one-line errors."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -66,15 +68,25 @@ def test_convert_to_orbax_then_generate_same_tokens(tiny_hf_dir, tmp_path, capsy
     assert json.loads(out)["token_ids"] == hf_greedy[1]
 
 
+def _console_script() -> str:
+    """The installed `omni-jax` entry point: the one beside this interpreter, else the first on PATH."""
+    exe = shutil.which("omni-jax", path=os.path.dirname(sys.executable)) or shutil.which("omni-jax")
+    assert exe, "the `omni-jax` console script is not installed (pip install -e .)"
+    return exe
+
+
 def test_init_then_generate_console_script(tmp_path):
-    """The installed console script: a new user's first two commands."""
+    """The installed console script itself (not `python -m`): a new user's first two commands."""
+    exe = _console_script()
     d = str(tmp_path / "tiny")
-    subprocess.run([sys.executable, "-m", "omni_jax.cli", "init", "--preset", "tiny", "--out", d], check=True)
-    r = subprocess.run([sys.executable, "-m", "omni_jax.cli", "generate", "--model", d, "--messages",
-                        _messages(tmp_path, TEXT), "--max-new-tokens", "5", "--json"],
-                       capture_output=True, text=True, check=True)
+    subprocess.run([exe, "init", "--preset", "tiny", "--out", d], check=True)
+    r = subprocess.run([exe, "generate", "--model", d, "--messages", _messages(tmp_path, TEXT), "--max-new-tokens",
+                        "5", "--json"], capture_output=True, text=True, check=True)
     res = json.loads(r.stdout)
     assert 1 <= len(res["token_ids"]) <= 5 and isinstance(res["text"], str)
+    r = subprocess.run([exe, "generate", "--model", d, "--messages", str(tmp_path / "absent.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "absent.json" in r.stderr
 
 
 def test_sampling_is_seeded(tiny_hf_dir, tmp_path, capsys):

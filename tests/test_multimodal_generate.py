@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hf_fixtures import TORCHVISION_AVAILABLE, hf_model_from_dir, load_hf_processor
+from hf_fixtures import hf_model_from_dir, load_hf_processor, needs_torchvision
 
 from omni_jax import cli
 from omni_jax.config import TINY_TOKENS
 
-pytestmark = pytest.mark.skipif(not TORCHVISION_AVAILABLE, reason="transformers' processor needs torchvision "
-                                "(installed by .ci/run into tmp/torchvision)")
+pytestmark = needs_torchvision
 
 N_NEW = 20
 

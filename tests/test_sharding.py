@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from omni_jax import sharding as S
-from omni_jax.config import released_30b_a3b, tiny
+from omni_jax.config import TINY_TOKENS, released_30b_a3b, tiny
 from omni_jax.kernels.moe import expert_parallel as EP
 
 HERE = os.path.dirname(__file__)
@@ -144,7 +144,8 @@ def _run_8dev(*sections, x64=False, env_extra=None) -> dict:
 
 @pytest.fixture(scope="module")
 def eight(tiny_hf_dir):
-    return _run_8dev("moe", "hlo", "create", "speak", "generate", env_extra={"OMNI_JAX_SPEECH_MODEL": tiny_hf_dir})
+    return _run_8dev("moe", "hlo", "create", "speak", "generate", "multimodal",
+                     env_extra={"OMNI_JAX_SPEECH_MODEL": tiny_hf_dir})
 
 
 def test_expert_parallel_moe_equals_single_device(eight):
@@ -201,6 +202,17 @@ def test_speak_with_mesh_gives_same_speech(eight):
     assert got["codes"] == ref["codes"]
     assert got["waveform_len"] == ref["waveform_len"] == 11 * 1920 - 555
     assert got["waveform_rel"] <= 1e-5, got["waveform_rel"]  # fp32 noise at most
+
+
+def test_multimodal_prompt_with_mesh_gives_same_tokens(eight):
+    """Audio + image in one user turn (audio encoder, vision encoder with DeepStack, TM-RoPE positions) under
+    `--mesh data=2,expert=4`: the same expanded prompt and the same greedy tokens as on one device."""
+    ref, got = eight["multimodal"]["None"], eight["multimodal"]["data=2,expert=4"]
+    assert ref["rc"] == got["rc"] == 0, eight["multimodal"]
+    t = TINY_TOKENS
+    assert ref["prompt_token_ids"].count(t["audio_pad"]) > 0 and ref["prompt_token_ids"].count(t["image_pad"]) == 6
+    assert got["prompt_token_ids"] == ref["prompt_token_ids"]
+    assert len(ref["token_ids"]) == 6 and got["token_ids"] == ref["token_ids"]
 
 
 def _worst(d: dict) -> tuple[str, float]:

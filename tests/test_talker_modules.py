@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from sampling_stats import ALPHA, chi2_pvalue, expected_probs
 
 from omni_jax import config as C
 from omni_jax.checkpoint.assign import load_tensors
@@ -183,10 +184,19 @@ def test_code_predictor_sampling():
     # top_k=1 keeps only the argmax: sampling must reproduce greedy
     k1 = run(ours, h_last, c0e, jax.random.PRNGKey(3), greedy=False, top_k=1, top_p=None)
     np.testing.assert_array_equal(np.asarray(k1), np.asarray(greedy))
-    s1 = run(ours, h_last, c0e, jax.random.PRNGKey(7), greedy=False, top_k=50, top_p=0.8)
-    s2 = run(ours, h_last, c0e, jax.random.PRNGKey(7), greedy=False, top_k=50, top_p=0.8)
-    np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
-    assert s1.shape == greedy.shape and int(s1.min()) >= 0 and int(s1.max()) < cfg.code_predictor_config.vocab_size
+    # The first residual code over N identical rows (independent draws) follows the filtered softmax of its
+    # logits (the talker's top_k=50, top_p=0.8): chi-square at significance ALPHA, fixed seed.
+    n = 8192
+    rows = lambda a: jnp.broadcast_to(a[:1], (n, a.shape[1]))  # noqa: E731
+    codes, logits = nnx.jit(lambda m, hl, ce, key: m.code_predictor.predict_frame(
+        hl, ce, greedy=False, rng=key, top_k=50, top_p=0.8, return_logits=True))(
+        ours, rows(h_last), rows(c0e), jax.random.PRNGKey(7))
+    assert codes.shape == (n, cfg.code_predictor_config.num_code_groups - 1)
+    probs = expected_probs(np.asarray(logits[0, 0]), 1.0, 50, 0.8)
+    counts = np.bincount(np.asarray(codes[:, 0]), minlength=probs.shape[0])
+    assert counts[probs == 0].sum() == 0 and chi2_pvalue(counts, probs) > ALPHA
+    flat = np.where(probs > 0, expected_probs(np.asarray(logits[0, 0]), 1.6), 0.0)  # power: other temperature
+    assert chi2_pvalue(counts, flat / flat.sum()) < 1e-6
     cp = ours.code_predictor
     with pytest.raises(ValueError, match="rng"):
         cp.predict_frame(h_last, c0e, greedy=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hf_fixtures import TORCHVISION_AVAILABLE, hf_model_from_dir, load_hf_processor
+from hf_fixtures import hf_model_from_dir, load_hf_processor, needs_torchvision
 
 from omni_jax import cli
 from omni_jax.checkpoint.hf import load_config
@@ -28,8 +28,7 @@ from omni_jax.processing.video import (
 )
 from omni_jax.prompt import PromptError, check_placeholder_counts, prepare_thinker_prompt
 
-needs_hf_processor = pytest.mark.skipif(not TORCHVISION_AVAILABLE, reason="transformers' video processor needs "
-                                        "torchvision (installed by .ci/run into tmp/torchvision)")
+needs_hf_processor = needs_torchvision
 N_NEW = 20
 H, W = 288, 480  # inside the per-frame pixel budget and multiples of 32: no resize on either side
 

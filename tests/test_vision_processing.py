@@ -1,10 +1,22 @@
-"""Image / video preprocessing against transformers' Qwen2-VL image processor (PIL backend), and bad inputs."""
+"""Image / video preprocessing against transformers' Qwen2-VL image and video processors, and bad inputs.
+
+The released processor resizes with torchvision (torch's uint8 antialiased bicubic); `resize_bicubic_aa` is
+compared with that kernel directly (torch only) and, through `preprocess_image` / `preprocess_video`, with the
+default (torchvision) image and video processors (bit-identical pixels; the fused rescale+normalise of the
+torchvision backend leaves <= 1 float32 ulp). Inputs that need no resize are also compared bit for bit with the
+PIL backend; Pillow's own bicubic differs from torch's by up to ~22 uint8 levels on noise images (measured).
+"""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from hf_fixtures import needs_torchvision
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -16,6 +28,7 @@ from omni_jax.processing.vision import (
     preprocess_image,
     preprocess_images,
     preprocess_video,
+    resize_bicubic_aa,
     smart_resize,
 )
 
@@ -23,7 +36,7 @@ P = 16
 
 
 def _hf_processor(min_pixels=3136, max_pixels=12_845_056):
-    # The released preprocessor_config values; torchvision (the default backend) is not importable here.
+    """The released preprocessor_config values, PIL backend (no torchvision needed)."""
     return Qwen2VLImageProcessorPil(patch_size=P, temporal_patch_size=2, merge_size=2, min_pixels=min_pixels,
                                     max_pixels=max_pixels, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
@@ -60,31 +73,49 @@ def test_no_resize_is_exact_and_in_merge_block_order():
     np.testing.assert_allclose(v[14, :, 0], x[48:64, 0:16].transpose(2, 0, 1), atol=1e-6)  # block (1, 0), (1, 0)
 
 
-@pytest.mark.parametrize("hw", [(100, 73), (37, 300), (500, 20), (30, 30), (700, 650)])
-def test_resize_matches_pil_backend_exactly(hw):
-    """Same grid and bit-identical pixels as Qwen2VLImageProcessorPil (resize below min / above max included;
-    max_pixels lowered so the downscale branch runs on a small image)."""
-    arr = _noise(*hw, seed=hw[0])
-    got, grid = preprocess_image(arr, max_pixels=200_000)
-    want, want_grid = _hf(Image.fromarray(arr), max_pixels=200_000)
-    assert grid == want_grid
-    np.testing.assert_array_equal(got, want)
+ULP = 1e-6  # the torchvision backend rescales and normalises in one step: <= 1 float32 ulp apart
 
 
-def test_resize_vs_torch_antialiased_bicubic():
-    """The torchvision backend resizes with torch's antialiased bicubic, not Pillow's. Emulating it (float resize,
-    round, clamp), the grid is identical and pixels differ by a few uint8 levels: measured on this smooth image
-    max 2 levels, mean 0.2 levels (noise images: max ~25, mean 0.27)."""
-    arr = _smooth(100, 73)
-    got, grid = preprocess_image(arr)
-    th, tw = grid[1] * P, grid[2] * P
-    t = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
-    r = torch.nn.functional.interpolate(t, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
-    r = r.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
-    ref, ref_grid = preprocess_image(Image.fromarray(r).resize((tw, th)))  # already the target size: no resize
-    assert ref_grid == grid
-    levels = np.abs(got - ref) * 127.5
-    assert levels.max() <= 3 and levels.mean() < 0.3, (levels.max(), levels.mean())
+def _tv_image_processor(**kw):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(patch_size=P, temporal_patch_size=2, merge_size=2, min_pixels=kw.get("min_pixels",
+                                 3136), max_pixels=kw.get("max_pixels", 12_845_056), image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3)
+
+
+def _torch_resize(arr, h, w):
+    """torchvision's resize of a uint8 image on CPU: torch's native uint8 antialiased bicubic."""
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("src, dst", [((100, 73), (96, 64)), ((37, 300), (64, 512)), ((700, 650), (448, 416)),
+                                      ((30, 30), (64, 64)), ((333, 517), (333, 512)), ((64, 2000), (80, 2496)),
+                                      ((1500, 40), (120, 7))])
+def test_resize_bicubic_aa_matches_torch_uint8_kernel(src, dst):
+    """Bit-identical to torch's uint8 antialiased bicubic, shrinking (wide taps, high weight precision),
+    enlarging, one side only, noise (overshoot clamped between the passes) and smooth images."""
+    for arr in (_noise(*src, seed=src[0]), _smooth(*src)):
+        np.testing.assert_array_equal(resize_bicubic_aa(arr, *dst), _torch_resize(arr, *dst))
+    frames = np.stack([_noise(*src, seed=1), _smooth(*src)])  # [T, H, W, C] resizes frame by frame
+    np.testing.assert_array_equal(resize_bicubic_aa(frames, *dst)[1], _torch_resize(frames[1], *dst))
+
+
+@needs_torchvision
+@pytest.mark.parametrize("hw, max_pixels", [((100, 73), None), ((37, 300), None), ((500, 20), None), ((30, 30), None),
+                                            ((375, 500), None), ((700, 650), 200_000), ((64, 96), None)])
+def test_resize_matches_torchvision_image_processor(hw, max_pixels):
+    """The released (default, torchvision) image processor: same grid, same pixels (to 1 ulp) for images that
+    are resized (below min_pixels, off the 32 grid, above max_pixels) and one that is not."""
+    kw = {} if max_pixels is None else dict(max_pixels=max_pixels)
+    for arr in (_noise(*hw, seed=hw[0]), _smooth(*hw)):
+        got, grid = preprocess_image(arr, **kw)
+        out = _tv_image_processor(**kw)(images=[arr], return_tensors="np")
+        assert grid == tuple(int(v) for v in out["image_grid_thw"][0])
+        assert (hw == (64, 96)) == (grid[1] * P == hw[0] and grid[2] * P == hw[1])  # resized unless 64x96
+        np.testing.assert_allclose(got, out["pixel_values"], rtol=0, atol=ULP)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P"])
@@ -128,13 +159,37 @@ def test_video_matches_image_processor_math(n_frames):
     np.testing.assert_array_equal(got, want.reshape(got.shape))
 
 
-def test_video_per_frame_budget_upscales_small_frames():
-    frames = np.stack([_noise(64, 96, seed=20), _noise(64, 96, seed=21)])
+def test_missing_torchvision_fails_under_ci(tmp_path):
+    """With torchvision unavailable, a `needs_torchvision` test skips locally and fails under CI=true (a small
+    test file run with this directory's conftest as a plugin; nothing heavy is imported)."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "test_probe.py").write_text("from hf_fixtures import needs_torchvision\n\n\n"
+                                            "@needs_torchvision\ndef test_probe():\n    pass\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "--rootdir",
+           str(tmp_path), str(tmp_path / "test_probe.py")]
+    path = os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
+    for ci, code, summary in (("true", 1, "1 error"), ("", 0, "1 skipped")):  # a failed setup is an error
+        env = dict(os.environ, CI=ci, OMNI_JAX_HIDE_TORCHVISION="1", PYTHONPATH=path)
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == code and summary in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        assert ("CI=true: a missing torchvision fails" in r.stdout) == (ci == "true")
+
+
+@needs_torchvision
+@pytest.mark.parametrize("hw", [(64, 96), (900, 1000)])
+def test_video_resize_matches_torchvision_video_processor(hw):
+    """Frames below (upscaled) and above (downscaled) the per-frame pixel budget against transformers' video
+    processor (always torchvision), 3 frames (the last repeated)."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    frames = np.stack([_noise(*hw, seed=20 + i) for i in range(3)])
     got, grid, spg = preprocess_video(frames, fps=1.0)
-    f0, g0 = _frame_patches(frames[0], min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
-    f1, _ = _frame_patches(frames[1], min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
-    assert grid == g0 and grid[1] * grid[2] * P * P >= VIDEO_MIN_PIXELS and spg == 2.0
-    np.testing.assert_array_equal(got, np.stack([f0, f1], axis=2).reshape(got.shape))
+    vp = Qwen2VLVideoProcessor(patch_size=P, temporal_patch_size=2, merge_size=2, min_pixels=VIDEO_MIN_PIXELS,
+                               max_pixels=VIDEO_MAX_PIXELS, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    out = vp(videos=[frames], return_tensors="np", do_sample_frames=False)
+    assert grid == tuple(int(v) for v in out["video_grid_thw"][0]) and spg == 2.0
+    assert VIDEO_MIN_PIXELS <= grid[1] * grid[2] * P * P <= VIDEO_MAX_PIXELS and grid[1] * P != hw[0]
+    np.testing.assert_allclose(got, out["pixel_values_videos"], rtol=0, atol=ULP)
 
 
 def test_load_video_npy(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -96,6 +94,3 @@ def gelu_tanh(x):
 def silu(x):
     return jax.nn.silu(x)
 
-
-def init_scale(fan_in: int) -> float:
-    return 1.0 / math.sqrt(max(fan_in, 1))

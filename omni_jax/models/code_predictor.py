@@ -113,10 +113,6 @@ class CodePredictor(nnx.Module):
         """lm_head[head] (codebook head+1): hidden [..., H] -> logits [..., V]."""
         return self.lm_head(head, hidden)
 
-    def residual_embedding(self, codes: jnp.ndarray) -> jnp.ndarray:
-        """codes int [B, G-1] (codebooks 1..G-1) -> Σ_g codec_embedding[g-1](codes[:, g-1]) [B, H]."""
-        return jnp.sum(self.residual_embeddings(codes), axis=1)
-
     def residual_embeddings(self, codes: jnp.ndarray) -> jnp.ndarray:
         """codes int [B, G-1] -> per-codebook embeddings [B, G-1, H]."""
         tables = jnp.arange(self.num_residual)[None, :]

@@ -2,17 +2,24 @@
 
 Reproduces the Qwen2-VL image/video processors as Qwen3-Omni configures them (reference spec §5.1, §5.2, P16):
 RGB conversion (transparency composited onto white), `smart_resize` to multiples of patch_size*merge_size (32),
-bicubic resize with Pillow, rescale by 1/255, normalise with mean = std = 0.5, then patchify.
+antialiased bicubic resize (torch's kernel, see below), rescale by 1/255, normalise with mean = std = 0.5, then
+patchify.
 
 Patch order (what the vision encoder expects): for each temporal grid index, the 2x2 merge blocks in raster order
 and the 4 patches of a block in raster order, i.e. (grid_t, block_row, block_col, in_row, in_col). Each patch
 vector is flatten(C, T, P, P) = 3*2*16*16 = 1536 values, channel-major. A still image fills the T axis with copies
 of itself.
 
-Resizing: transformers' PIL backend (`Qwen2VLImageProcessorPil`) resizes exactly like this module (bit-identical
-output). Its default torchvision backend and the video processor use torch's antialiased bicubic instead, which
-differs by a few uint8 levels on resized inputs (the grid is identical); inputs whose sides are already multiples
-of 32 and inside the pixel budget are not resized and match every backend exactly.
+Resizing: the released processor resizes with torchvision (`tvF.resize(uint8 image, BICUBIC, antialias=True)`),
+which on CPU runs torch's native uint8 antialiased bicubic (Pillow-SIMD's algorithm: float64 Keys-cubic taps
+turned into int16 fixed point, a width pass then a height pass in integers, each rounded and clamped to uint8);
+its video processor always does. `resize_bicubic_aa` reproduces that kernel in numpy, bit for bit (integer
+arithmetic; tested against torch and against transformers' default image and video processors in
+tests/test_vision_processing.py). The remaining difference to those processors is their fused rescale+normalise:
+<= 1 float32 ulp. Transformers' PIL backend (`Qwen2VLImageProcessorPil`) resizes with Pillow's own bicubic
+instead, up to ~22 uint8 levels apart from torch on resized noise images (~2 on smooth ones; measured). Inputs
+whose sides are already multiples of 32 and inside the pixel budget are not resized and match every backend
+exactly.
 """
 
 from __future__ import annotations
@@ -114,11 +121,80 @@ def _normalize(rgb_uint8_hwc: np.ndarray, mean, std) -> np.ndarray:
     return (x - mean) / std
 
 
-def _resize(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+def _cubic_aa(x: np.ndarray) -> np.ndarray:
+    """Keys cubic convolution kernel (a = -0.5, as Pillow and torch's antialiased bicubic), float64."""
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| < 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 <= |x| < 2
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _aa_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """torch's uint8 antialiased-bicubic taps along one axis (align_corners=False, no scale factor).
+
+    Float64 weights as `_compute_index_ranges_weights<double>` (support widened by the scale when shrinking,
+    C casts truncating toward zero), normalised, then turned into int16 fixed point with the largest precision
+    that keeps the largest weight below 2**15, rounding half away from zero.
+    Returns (input indices int64 [n_out, K], weights int32 [n_out, K], precision bits); unused taps have
+    weight 0 and a valid index.
+    """
+    scale = n_in / n_out
+    support = 2.0 * scale if scale >= 1 else 2.0
+    invscale = 1.0 / scale if scale >= 1 else 1.0
+    center = scale * (np.arange(n_out) + 0.5)
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((center + support + 0.5).astype(np.int64), n_in)
+    size = np.clip(hi - lo, 0, int(np.ceil(support)) * 2 + 1)
+    j = np.arange(int(size.max()))[None]
+    w = np.where(j < size[:, None], _cubic_aa((j + lo[:, None] - center[:, None] + 0.5) * invscale), 0.0)
+    total = np.zeros(n_out)
+    for k in range(w.shape[1]):  # running sum in tap order, as the C loop
+        total = total + w[:, k]
+    w = w / total[:, None]
+    precision = 0
+    while precision < 22 and int(0.5 + w.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    v = w * (1 << precision)
+    fixed = np.where(v < 0, np.trunc(v - 0.5), np.trunc(v + 0.5)).astype(np.int32)
+    return np.minimum(lo[:, None] + j, n_in - 1), fixed, precision
+
+
+def _aa_pass(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """One separable pass along `axis` of uint8 x: out[i] = clip((2**(p-1) + sum_k w[i, k] * x[idx[i, k]]) >> p,
+    0, 255) with the fixed-point weights of `_aa_taps`. Computed as a sparse float64 product, which is exact:
+    every partial sum is an integer far below 2**53, whatever the summation order."""
+    from scipy import sparse
+
+    idx, w, precision = _aa_taps(x.shape[axis], n_out)
+    n_in = x.shape[axis]
+    taps = sparse.csr_matrix((w.ravel().astype(np.float64), idx.ravel(), np.arange(0, w.size + 1, w.shape[1])),
+                             shape=(n_out, n_in))
+    taps.sum_duplicates()  # clamped indices of unused (zero) taps
+    rows = np.moveaxis(x, axis, 0)
+    flat = np.ascontiguousarray(rows).reshape(n_in, -1).astype(np.float64)
+    acc = taps @ flat + (1 << (precision - 1))
+    out = np.clip(np.floor(acc * (1.0 / (1 << precision))), 0, 255).astype(np.uint8)  # exact: a power of 2
+    return np.moveaxis(out.reshape((n_out,) + rows.shape[1:]), 0, axis)
+
+
+def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [..., H, W, C] -> uint8 [..., height, width, C] exactly as torchvision's
+    `resize(uint8 tensor, BICUBIC, antialias=True)` on CPU (torch's native uint8 kernel): a width pass, then a
+    height pass, each only when that side changes, each rounding and clamping to uint8."""
+    x = image
+    if width != image.shape[-2]:
+        x = _aa_pass(x, width, x.ndim - 2)
+    if height != image.shape[-3]:
+        x = _aa_pass(x, height, x.ndim - 3)
+    return x
+
+
+def _resize(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> np.ndarray:
+    """RGB PIL image -> uint8 [h, w, 3] at its smart_resize target."""
+    arr = np.asarray(img)
     h, w = smart_resize(img.height, img.width, factor, min_pixels, max_pixels)
-    if (h, w) != (img.height, img.width):
-        img = img.resize((w, h), resample=Image.BICUBIC)
-    return img
+    return arr if (h, w) == arr.shape[:2] else resize_bicubic_aa(arr, h, w)
 
 
 def _patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int) -> np.ndarray:
@@ -140,11 +216,11 @@ def preprocess_image(image, *, patch_size: int = PATCH_SIZE, temporal_patch_size
 
     `image`: PIL image, path, or uint8 array [H, W, 3]. Text gets gh*gw/merge_size**2 image tokens.
     """
-    img = _resize(load_image(image), patch_size * merge_size, min_pixels, max_pixels)
-    x = _normalize(np.asarray(img), image_mean, image_std)
+    pixels = _resize(load_image(image), patch_size * merge_size, min_pixels, max_pixels)
+    x = _normalize(pixels, image_mean, image_std)
     frames = np.broadcast_to(x[None], (temporal_patch_size, *x.shape))
     patches = _patchify(frames, patch_size, temporal_patch_size, merge_size)
-    return patches, (1, img.height // patch_size, img.width // patch_size)
+    return patches, (1, pixels.shape[0] // patch_size, pixels.shape[1] // patch_size)
 
 
 def preprocess_images(images, **kwargs) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
@@ -176,10 +252,8 @@ def preprocess_video(frames: np.ndarray, fps: float = 1.0, *, patch_size: int = 
     th, tw = smart_resize(h, w, patch_size * merge_size, min_pixels, max_pixels)
     out = np.empty((t, 3, th, tw), np.float32)
     for i in range(t):
-        img = Image.fromarray(frames[i])
-        if (th, tw) != (h, w):
-            img = img.resize((tw, th), resample=Image.BICUBIC)
-        out[i] = _normalize(np.asarray(img), image_mean, image_std)
+        frame = frames[i] if (th, tw) == (h, w) else resize_bicubic_aa(frames[i], th, tw)
+        out[i] = _normalize(frame, image_mean, image_std)
     if pad := -t % temporal_patch_size:
         out = np.concatenate([out, np.repeat(out[-1:], pad, axis=0)])
     patches = _patchify(out, patch_size, temporal_patch_size, merge_size)
