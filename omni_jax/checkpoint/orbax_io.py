@@ -2,19 +2,20 @@
 
 Layout of a converted directory: `config.json` + tokenizer/processor side files (as in an HF directory) and
 `params/` (an Orbax PyTree checkpoint of the parameter state). `is_orbax_dir` tells the two formats apart.
+Directories may be URLs (`gs://...`, omni_jax.paths). In a multi-process job every process calls `save_orbax`
+(each writes its shards); the JSON and side files are written by process 0.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from omni_jax import paths
 from omni_jax.checkpoint.assign import CheckpointError
 from omni_jax.config import OmniConfig
 from omni_jax.models.omni import OmniModel
@@ -39,31 +40,29 @@ def check_layout(found, where: str):
 
 
 def is_orbax_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, PARAMS)) and os.path.exists(os.path.join(path, META))
+    return paths.isdir(paths.join(path, PARAMS)) and paths.exists(paths.join(path, META))
 
 
 def save_orbax(model: OmniModel, cfg: OmniConfig, out: str, *, copy_from: str | None = None):
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    target = os.path.join(out, PARAMS)
-    if os.path.exists(target):
-        shutil.rmtree(target)
+    out = paths.resolve(out)
+    paths.makedirs(out)
+    target = paths.join(out, PARAMS)
     state = nnx.state(model, nnx.Param)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(target, nnx.to_pure_dict(state))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_hf(), f, indent=2)
+    with ocp.PyTreeCheckpointer() as ckptr:  # force: replaces an earlier export (Orbax removes it on process 0)
+        ckptr.save(target, nnx.to_pure_dict(state), force=True)
+    if jax.process_index() != 0:
+        return
+    paths.write_text(paths.join(out, "config.json"), json.dumps(cfg.to_hf(), indent=2))
     dtype = str(jax.tree.leaves(state)[0].dtype)
-    with open(os.path.join(out, META), "w") as f:
-        json.dump({"format": "omni_jax-orbax", "parts": list(model.parts), "param_dtype": dtype,
-                   "param_layout": PARAM_LAYOUT}, f)
+    paths.write_text(paths.join(out, META), json.dumps({"format": "omni_jax-orbax", "parts": list(model.parts),
+                                                        "param_dtype": dtype, "param_layout": PARAM_LAYOUT}))
     if copy_from:
         from omni_jax.checkpoint.hf import SIDE_FILES
 
         for fn in SIDE_FILES:
-            src = os.path.join(copy_from, fn)
-            if os.path.exists(src):
-                shutil.copy(src, os.path.join(out, fn))
+            src = paths.join(copy_from, fn)
+            if paths.exists(src):
+                paths.path(src).copy(paths.join(out, fn), overwrite=True)
 
 
 def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None, mesh=None, rules="default"):
@@ -71,13 +70,12 @@ def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None, m
 
     With a mesh every array is restored directly at its sharding (omni_jax.sharding rules): tensorstore reads
     only the slices this process's devices hold, so no host or device ever holds the whole model."""
-    path = os.path.abspath(path)
+    path = paths.resolve(path)
     if not is_orbax_dir(path):
         raise CheckpointError(f"{path} is not an omni_jax Orbax checkpoint (no {PARAMS}/ and {META})")
-    with open(os.path.join(path, META)) as f:
-        meta = json.load(f)
+    meta = json.loads(paths.read_text(paths.join(path, META)))
     check_layout(meta.get("param_layout"), path)
-    cfg = OmniConfig.from_hf(os.path.join(path, "config.json"))
+    cfg = OmniConfig.from_hf(json.loads(paths.read_text(paths.join(path, "config.json"))))
     saved_parts = tuple(meta["parts"])
     parts = saved_parts if parts is None else tuple(parts)
     if not set(parts) <= set(saved_parts):
@@ -99,7 +97,7 @@ def load_orbax(path: str, *, dtype=None, parts: tuple[str, ...] | None = None, m
     with ocp.PyTreeCheckpointer() as ckptr:
         restore_args = jax.tree.map(lambda x, sh: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=sh), target, where)
         extra = {"partial_restore": True} if parts != saved_parts else {}
-        restored = ckptr.restore(os.path.join(path, PARAMS),
+        restored = ckptr.restore(paths.join(path, PARAMS),
                                  args=ocp.args.PyTreeRestore(target, restore_args=restore_args, **extra))
     nnx.replace_by_pure_dict(abs_state, restored)
     return nnx.merge(graphdef, abs_state), cfg
