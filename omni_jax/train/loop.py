@@ -19,6 +19,13 @@ optimizer state mirrors them, each batch is split over the `data` x `fsdp` mesh 
 steps are compiled with those shardings and traced under `sharding.activate` (so MoE layers run expert-parallel
 over `expert`; the talker's too under train.task="talker", whose batch keys come from the task). Checkpoints
 restore onto the current shardings, so a run may resume on a different mesh.
+
+Several processes (a TPU pod, multi-node GPU; omni_jax.distributed joins them first) run one job: without a mesh
+spec the mesh is `fsdp=-1` over every device of every process, and a mesh must cover them all. data.batch_size is
+the global batch; each process feeds the rows its devices hold (train/data.py). Process 0 writes metrics.jsonl,
+TensorBoard events, the export's side files and the example question; checkpoints and exported parameters are
+written by all through Orbax. A SIGTERM to any process stops all after the same step (distributed.StopFlag). The
+workdir, --init-from and data files may be URLs (omni_jax.paths).
 """
 
 from __future__ import annotations
@@ -185,6 +192,17 @@ def _write_tokenizer(out: str, mcfg: OmniConfig) -> str:
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"do_sample": False, "max_new_tokens": 16, "eos_token_id": [mcfg.im_end_token_id],
                    "pad_token_id": mcfg.im_end_token_id}, f, indent=2)
+    return out
+
+
+def _local_side_files(src: str, out: str) -> str:
+    """Copy a model directory's tokenizer / processor / config files (not the weights) from a URL to `out`."""
+    from omni_jax.checkpoint.hf import SIDE_FILES
+
+    os.makedirs(out, exist_ok=True)
+    for fn in (*SIDE_FILES, "config.json"):
+        if paths.exists(paths.join(src, fn)):
+            paths.path(paths.join(src, fn)).copy(os.path.join(out, fn), overwrite=True)
     return out
 
 
@@ -381,6 +399,8 @@ class Trainer:
         self.model, self.mcfg, tok_dir = build_model(cfg, init_from, self.mesh, self.rules)
         if self.talker is not None:
             self.talker.check_model(self.model)
+        if tok_dir and paths.is_url(tok_dir):  # the tokenizer is read with plain file APIs: a local copy
+            tok_dir = _local_side_files(tok_dir, os.path.join(self.local_dir, "tokenizer"))
         self.tok_dir = tok_dir or _write_tokenizer(os.path.join(self.local_dir, "tokenizer"), self.mcfg)
         from omni_jax.processing.tokenizer import Tokenizer
 
@@ -430,9 +450,10 @@ class Trainer:
             from omni_jax.train.toy import write_toy_dataset
 
             tasks = tuple(t for t in self.cfg.toy.tasks.split(",") if t)
-            return write_toy_dataset(os.path.join(self.local_dir, "toy_data"), self.cfg.toy.n_train,
-                                     self.cfg.toy.n_eval, self.cfg.toy.seed, tasks,
-                                     **({} if self.talker is None else self.talker.toy_options()))
+            train, evals = write_toy_dataset(os.path.join(self.local_dir, "toy_data"), self.cfg.toy.n_train,
+                                             self.cfg.toy.n_eval, self.cfg.toy.seed, tasks,
+                                             **({} if self.talker is None else self.talker.toy_options()))
+            return train, evals if self.cfg.toy.n_eval else None  # toy.n_eval=0: no eval
         if not d.train_file:
             raise TrainError("config.data.train_file is empty (and config.toy.enabled is false)")
         for f in (d.train_file, d.eval_file):
