@@ -126,6 +126,31 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def check_same(what: str, text: str) -> None:
+    """Raise DistributedError unless every process passes the same `text` (e.g. its training config): processes
+    that disagree would otherwise wait for each other forever in their first differing collective."""
+    import hashlib
+
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    digest, key = hashlib.sha256(text.encode()).hexdigest()[:16], "omni_jax/same/" + what.replace(" ", "_")
+    client.key_value_set(f"{key}/{jax.process_index()}", digest)
+    client.wait_at_barrier(key, 600_000)
+    got = dict(client.key_value_dir_get(key + "/"))
+    groups: dict[str, list[int]] = {}
+    for key, value in got.items():
+        groups.setdefault(value, []).append(int(key.rsplit("/", 1)[-1]))
+    if len(groups) > 1:
+        parts = "; ".join(f"processes {sorted(v)}" for v in groups.values())
+        raise DistributedError(f"the processes of this job were given different {what}s ({parts} agree among "
+                               f"themselves): start every process with the same arguments")
+
+
 class StopFlag:
     """A stop request (SIGTERM) that every process of the job sees at the same step.
 

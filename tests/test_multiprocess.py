@@ -48,14 +48,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_args(workdir: str, mesh: str, *extra: str) -> list[str]:
-    return ["train", "--config", CONFIG, "--workdir", workdir, "--no-progress", "--mesh", mesh, *OVERRIDES, *extra]
+def _train_args(workdir: str, mesh: str, init: str) -> list[str]:
+    return ["train", "--config", CONFIG, "--workdir", workdir, "--no-progress", "--mesh", mesh, "--init-from", init,
+            *OVERRIDES]
 
 
-def _start_job(workdir: str, mesh: str, extra: dict[int, list[str]] | None = None):
+def _start_job(workdir: str, mesh: str, init: str, extra: dict[int, list[str]] | None = None):
     """Two `omni-jax train` processes of one job (4 CPU devices each); extra: per-process arguments."""
     port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "omni_jax.cli", *_train_args(workdir, mesh), "--coordinator",
+    return [subprocess.Popen([sys.executable, "-m", "omni_jax.cli", *_train_args(workdir, mesh, init), "--coordinator",
                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                               *(extra or {}).get(i, [])],
                              env=_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,26 +95,48 @@ for mesh in {meshes!r}:
 """
 
 
+def _initial_model(out: str) -> str:
+    """The toy model's initial parameters as an omni_jax Orbax directory (created eagerly here, once): every run
+    starts from it with --init-from, read straight onto its shards, instead of compiling a sharded init each."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omni_jax.checkpoint.orbax_io import save_orbax
+    from omni_jax.models.omni import OmniModel
+    from omni_jax.train import loop as L
+    from omni_jax.train.toy import toy_model_config
+
+    mcfg = toy_model_config()
+    model = OmniModel(mcfg, dtype=jnp.float32, rngs=nnx.Rngs(0), parts=("thinker",))
+    save_orbax(model, mcfg, out, copy_from=L._write_tokenizer(out + "_tokenizer", mcfg))
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
+    init = _initial_model(str(root / "init"))
     # the 1-process 8-device reference (both meshes, one process) beside the 2-process fsdp job (with export)
     ref = subprocess.Popen([sys.executable, "-c", REFERENCE.format(meshes=MESHES, config=CONFIG),
-                            str(root / "ref"), *OVERRIDES], env=_env(8), cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    fsdp = _finish(_start_job(str(root / "fsdp"), "data=2,fsdp=4",
+                            str(root / "ref"), "--init-from", init, *OVERRIDES], env=_env(8), cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fsdp = _finish(_start_job(str(root / "fsdp"), "data=2,fsdp=4", init,
                               {0: ["--config.train.export=true"], 1: ["--config.train.export=true"]}))
     _, err = ref.communicate(timeout=900)
     assert ref.returncode == 0, err[-3000:]
     # the expert job: process 1 alone gets SIGTERM after step 10; then both processes are restarted
     wd = str(root / "expert")
     no_eval = ["--config.toy.n_eval=0"]
-    term = _finish(_start_job(wd, "data=2,expert=4", {0: no_eval, 1: [*no_eval, "--config.train.debug_sigterm_at=10"]}))
+    # beside it, a job whose processes were given different configs: both stop with an error naming it
+    mismatch = _start_job(str(root / "mismatch"), "data=2,expert=4", init, {1: ["--config.optim.learning_rate=0.1"]})
+    term = _finish(_start_job(wd, "data=2,expert=4", init,
+                              {0: no_eval, 1: [*no_eval, "--config.train.debug_sigterm_at=10"]}))
+    mismatch = [(p.wait(timeout=600), p.stderr.read()) for p in mismatch]
     term_steps = sorted(_losses(wd))
     ckpts = sorted(int(x) for x in os.listdir(os.path.join(wd, "checkpoints")) if x.isdigit())
-    resumed = _finish(_start_job(wd, "data=2,expert=4", {0: no_eval, 1: no_eval}))
-    return {"root": root, "fsdp": fsdp, "term": term, "term_steps": term_steps, "ckpts_after_term": ckpts,
-            "resumed": resumed}
+    resumed = _finish(_start_job(wd, "data=2,expert=4", init, {0: no_eval, 1: no_eval}))
+    return {"root": root, "mismatch": mismatch, "fsdp": fsdp, "term": term, "term_steps": term_steps,
+            "ckpts_after_term": ckpts, "resumed": resumed}
 
 
 def _rel(a: dict, b: dict) -> float:
@@ -158,6 +181,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
     for r in runs["resumed"]:
         assert r["result"]["status"] == "done" and r["result"]["step"] == 20
     assert sorted(_losses(str(runs["root"] / "expert"))) == list(range(1, 21))
+
+
+def test_processes_with_different_configs_stop_with_an_error(runs):
+    for rc, err in runs["mismatch"]:
+        assert rc == 2 and "were given different training configs" in err, err[-2000:]
 
 
 # ------------------------------------------------------------------------------------------- in-process checks

@@ -258,6 +258,15 @@ def local_dir(workdir: str) -> str:
     return os.path.join(workdir, f"process_{jax.process_index()}")
 
 
+def _job_config(cfg, workdir: str, init_from, mesh) -> str:
+    """What every process of a job must agree on: the config (but the train.debug_* test hooks), workdir, model
+    source and mesh."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for key in [k for k in cfg.train if k.startswith("debug_")]:
+        cfg.train[key] = 0
+    return json.dumps([cfg.to_json(sort_keys=True), workdir, init_from, None if mesh is None else dict(mesh.shape)])
+
+
 def _to_device(batch: dict, shardings: dict | None = None) -> dict:
     """A host batch -> device arrays ([B, 3, T] positions -> [3, B, T]). With `shardings` (a NamedSharding per
     key) each process supplies its own rows and gets global arrays split over the mesh."""
@@ -394,6 +403,7 @@ class Trainer:
                                  f"is a multiple of {split}")
             self.rows = D.process_rows(batch_shardings(self.mesh, self.data_cfg)["input_ids"], self.global_batch)
         check_workdir(self.workdir)
+        dist.check_same("training config", _job_config(cfg, self.workdir, init_from, self.mesh))
         self.local_dir = local_dir(self.workdir)
         self.train_file, self.eval_file = self._data_files()
         self.model, self.mcfg, tok_dir = build_model(cfg, init_from, self.mesh, self.rules)
