@@ -206,7 +206,8 @@ def _add_train(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="train on a device mesh, e.g. 'data=2,expert=4' or 'fsdp=-1' (axes data, fsdp, expert, "
-                        "tensor; overrides config.mesh.spec; the batch is split over data x fsdp)")
+                        "tensor; overrides config.mesh.spec; the batch is split over data x fsdp). Default: one "
+                        "device; with several processes fsdp=-1 over all devices of all processes")
     p.add_argument("--rules", default=None, metavar="NAME",
                    help="sharding rules preset for the mesh: default, fsdp, fsdp_ep, ep_tp (overrides "
                         "config.mesh.rules)")
