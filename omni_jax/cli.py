@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from omni_jax import distributed
+
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate a reply for a messages file",
@@ -62,6 +64,7 @@ def _add_plan(sub):
     p.add_argument("--batch", type=int, default=0, help="with --seq-len: add the thinker KV cache")
     p.add_argument("--seq-len", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    distributed.add_args(p)
 
 
 def _add_convert(sub):
@@ -93,10 +96,18 @@ def _size(s: str) -> int:
     return parse_size(s)
 
 
+def _join_job(a) -> None:
+    """Multi-process flags (omni_jax.distributed): join the job before anything touches a device."""
+    from omni_jax import distributed
+
+    distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+
+
 def cmd_generate(a) -> int:
     from omni_jax.inference import OmniSession
     from omni_jax.processing.chat import load_messages
 
+    _join_job(a)
     messages = load_messages(a.messages)  # validate the request before loading weights
     if a.speak is not None and getattr(a, "use_audio_in_video", False):
         from omni_jax.speech import SpeechError
@@ -174,6 +185,7 @@ def cmd_plan(a) -> int:
     from omni_jax.checkpoint.hf import load_config
     from omni_jax.config import preset
 
+    _join_job(a)
     cfg = preset(a.preset) if a.preset else load_config(a.model)
     parts = tuple(x.strip() for x in a.parts.split(",")) if a.parts else None
     p = planning.plan(cfg, planning.mesh_sizes(a.mesh, a.devices), rules=a.rules, dtype=a.dtype, parts=parts,
@@ -202,10 +214,12 @@ def _add_train(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="train on a device mesh, e.g. 'data=2,expert=4' or 'fsdp=-1' (axes data, fsdp, expert, "
-                        "tensor; overrides config.mesh.spec; the batch is split over data x fsdp)")
+                        "tensor; overrides config.mesh.spec; the batch is split over data x fsdp). Default: one "
+                        "device; with several processes fsdp=-1 over all devices of all processes")
     p.add_argument("--rules", default=None, metavar="NAME",
                    help="sharding rules preset for the mesh: default, fsdp, fsdp_ep, ep_tp (overrides "
                         "config.mesh.rules)")
+    distributed.add_args(p)
 
 
 def cmd_train(a) -> int:
@@ -218,9 +232,10 @@ def cmd_train(a) -> int:
     if bad:
         raise ConfigError(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.SECTION.KEY=VALUE)")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    _join_job(a)
     out = train(a.config, a.workdir, a.overrides, init_from=a.init_from, progress=not a.no_progress,
                 mesh=a.mesh, rules=a.rules)
-    print(json.dumps(out))
+    print(json.dumps(out))  # every process: its own view of the job's result
     if "example_question" in out:
         print(f"try: omni-jax generate --model {out['export']} --messages {out['example_question']} --greedy "
               f"(expected answer: {out['example_answer']!r})", file=sys.stderr)
@@ -232,6 +247,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
     _add_mesh_args(sub.choices["generate"])
+    distributed.add_args(sub.choices["generate"])
     _add_plan(sub)
     _add_convert(sub)
     _add_init(sub)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 from collections.abc import Sequence
 
 import jax
@@ -127,19 +126,6 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
         raise MeshError(f"mesh spec {spec!r}: axis sizes multiply to {fixed} but there are {num_devices} devices "
                         f"(use -1 on one axis to take the rest)")
     return {a: sizes.get(a, 1) for a in MESH_AXES}
-
-
-def init_distributed() -> int:
-    """Join a multi-host job (TPU pod slice, multi-node GPU) before any mesh is built; returns the process count.
-
-    Runs `jax.distributed.initialize()` (which reads the coordinator from the TPU metadata or the SLURM /
-    JAX_COORDINATOR_ADDRESS environment) when the environment names more than one process, else does nothing.
-    """
-    multi = any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                           "MEGASCALE_COORDINATOR_ADDRESS"))
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-    return jax.process_count()
 
 
 def make_mesh(spec: str | dict[str, int], devices: Sequence | None = None) -> jax.sharding.Mesh:

@@ -100,7 +100,9 @@ def restore_newest_intact(manager, restore, *, items: tuple[str, ...] = ("state"
         except BrokenCheckpointError as e:
             skipped.append((int(step), str(e)))
             continue
-        for bad, _ in skipped:
+        import jax
+
+        for bad, _ in skipped if jax.process_index() == 0 else ():  # one process moves; the others wait below
             bad_dir = os.path.join(os.fspath(manager.directory), str(bad))
             aside, n = bad_dir + ".broken", 1
             while os.path.exists(aside):
@@ -108,6 +110,10 @@ def restore_newest_intact(manager, restore, *, items: tuple[str, ...] = ("state"
                 aside = f"{bad_dir}.broken{n}"
             os.rename(bad_dir, aside)
         if skipped:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("omni_jax: broken checkpoint steps moved aside")
             manager.reload()
         return int(step), result, skipped
     if skipped:

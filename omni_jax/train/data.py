@@ -11,13 +11,15 @@ context). Each record becomes:
 
 Shapes are static: sequences are right-padded to `seq_len`; every example has A audio and I image slots (empty
 slots are dummies that no placeholder reads); images must all have the configured grid. A record that cannot
-be used (malformed JSON, bad messages, missing media, too long, too many media, wrong image size) is skipped,
-counted and logged with its line number and reason; past `max_bad_fraction` (after `min_records_for_fraction`
-records) or `max_bad_records` the pipeline raises DataError.
+be used (malformed JSON, bad messages, missing media, too long, too many media, wrong image size) leaves an
+empty row (no tokens, no targets) in its batch, is counted and logged with its line number and reason; past
+`max_bad_fraction` (after `min_records_for_fraction` records) or `max_bad_records` the pipeline raises DataError.
 
-Pipeline (Grain): line offsets -> MapDataset -> shuffle(seed) -> repeat (reshuffled each epoch) -> this host's
-slice (process_index::process_count) -> map(preprocess) on reader threads -> filter(bad records) -> batch.
-The iterator state (Grain's) plus the bad-record counters are a small JSON dict saved with each checkpoint.
+Pipeline (Grain): line offsets -> MapDataset -> shuffle(seed) -> repeat (reshuffled each epoch): one global stream
+of records; `data.batch_size` is the global batch, and each process reads only its rows of every batch (the rows
+its devices hold under the batch sharding, `process_rows`), map(preprocess) on reader threads -> bad records
+become empty rows -> batch. The same global batches whatever the process count. The iterator state (global
+batches read, bad-record counters per process) is a small JSON dict saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import grain
 import jax
 import numpy as np
 
+from omni_jax import paths
 from omni_jax.config import OmniConfig
 from omni_jax.errors import OmniJaxError
 from omni_jax.processing import chat
@@ -86,14 +89,15 @@ def batch_image_grid(c: DataConfig) -> tuple | None:
 
 
 class JsonlSource:
-    """Random access to the lines of a JSONL file by byte offset (Grain RandomAccessDataSource protocol)."""
+    """Random access to the lines of a JSONL file by byte offset (Grain RandomAccessDataSource protocol). The path
+    may be a URL (omni_jax.paths); media paths in its records are read from the local disk."""
 
     def __init__(self, path: str):
-        path = os.path.abspath(path)
-        if not os.path.isfile(path):
+        path = paths.resolve(path)
+        if not paths.exists(path) or paths.isdir(path):
             raise DataError(f"data file not found: {path}")
         offsets = []
-        with open(path, "rb") as f:
+        with paths.path(path).open("rb") as f:
             pos = 0
             for line in f:
                 if line.strip():
@@ -108,7 +112,7 @@ class JsonlSource:
 
     def __getitem__(self, i):
         i = int(i) % len(self.offsets)
-        with open(self.path, "rb") as f:
+        with paths.path(self.path).open("rb") as f:
             f.seek(int(self.offsets[i]))
             return i, f.readline().decode("utf-8", errors="replace")
 
@@ -211,7 +215,7 @@ class Preprocessor:
 
 
 class BadRecordFilter:
-    """Grain filter: drops {"bad": ...} items, counting and logging them; raises DataError past the limits."""
+    """Tells {"bad": ...} items apart (False), counting and logging them; raises DataError past the limits."""
 
     def __init__(self, c: DataConfig, name: str):
         self.c, self.name = c, name
@@ -222,7 +226,7 @@ class BadRecordFilter:
         if "bad" not in item:
             return True
         self.bad += 1
-        log.warning("%s line %d: skipped bad record: %s", self.name, item["line"], item["bad"])
+        log.warning("%s line %d: bad record (an empty row in its batch): %s", self.name, item["line"], item["bad"])
         c = self.c
         if self.bad > c.max_bad_records or (self.seen >= c.min_records_for_fraction
                                             and self.bad / self.seen > c.max_bad_fraction):
@@ -232,56 +236,122 @@ class BadRecordFilter:
         return False
 
 
-class TrainIterator:
-    """Infinite batches of a JSONL file; `state()` / `restore(state)` make resumption exact."""
+def process_rows(batch_sharding, global_batch: int) -> tuple[int, int]:
+    """[start, stop): the rows of every global batch that this process's devices hold when the example dim is split
+    by `batch_sharding` (a sharding of a [global_batch] array; None: one process holds everything)."""
+    if batch_sharding is None:
+        return 0, global_batch
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                    for s in batch_sharding.addressable_devices_indices_map((global_batch,)).values()})
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        if start != stop:
+            raise DataError(f"this process's devices hold rows {spans} of each batch, not one contiguous block; "
+                            f"put the mesh axes that span processes first (data, then fsdp)")
+    return spans[0][0], spans[-1][1]
 
-    def __init__(self, path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig, *, make_preprocessor=None):
+
+def _empty_example(src: JsonlSource, pre, c: DataConfig, name: str) -> dict:
+    """All-zero arrays shaped like an example (no valid tokens, no targets): what a bad record's row holds.
+    Shapes come from the first usable record of the file."""
+    for i in range(min(len(src), c.max_bad_records + 1)):
+        ex = pre(src[i])
+        if "bad" not in ex:
+            return jax.tree.map(np.zeros_like, ex)
+    raise DataError(f"{name}: none of the first {min(len(src), c.max_bad_records + 1)} records can be used "
+                    f"(line 1: {pre(src[0])['bad']})")
+
+
+class TrainIterator:
+    """Infinite batches of this process's rows of the global batches of a JSONL file; `state()` / `restore(state)`
+    make resumption exact.
+
+    The records are shuffled (seed data.seed; reshuffled each epoch) into one global stream; global batch k is
+    stream positions [k*B, (k+1)*B) (B = data.batch_size, the global batch), and this process reads and
+    preprocesses only its rows [start, stop) of each (`process_rows`). The sequence of global batches is the same
+    for any process count; a bad record leaves an empty row (no targets) in its batch, so it cannot shift the
+    records of other processes."""
+
+    def __init__(self, path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig, *, make_preprocessor=None,
+                 rows: tuple[int, int] | None = None):
         """make_preprocessor(media_dir) -> a record -> example callable (default: the thinker's Preprocessor;
-        talker training passes its own)."""
+        talker training passes its own). rows: this process's [start, stop) of each batch (default: all)."""
         src = JsonlSource(path)
-        self.filter = BadRecordFilter(c, os.path.basename(path))
-        ds = grain.MapDataset.source(src).shuffle(seed=c.seed).repeat(None)
-        ds = ds[jax.process_index()::jax.process_count()]  # this host's share
+        self.c, self.rows = c, rows or (0, c.batch_size)
+        self.filter = BadRecordFilter(c, os.path.basename(src.path))
         media_dir = os.path.dirname(src.path)
-        ds = ds.map(make_preprocessor(media_dir) if make_preprocessor else Preprocessor(tokenizer, cfg, c, media_dir))
-        opts = grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=c.prefetch)
-        ds = ds.to_iter_dataset(opts).filter(self.filter).batch(c.batch_size, drop_remainder=True)
-        self.it = iter(ds)
+        self.pre = make_preprocessor(media_dir) if make_preprocessor else Preprocessor(tokenizer, cfg, c, media_dir)
+        self.empty = _empty_example(src, self.pre, c, self.filter.name)
+        self.stream = grain.MapDataset.source(src).shuffle(seed=c.seed).repeat(None)
+        self.batches = 0
+        self.it = self._iterator(0)
+
+    def _iterator(self, first_batch: int):
+        big, (start, stop) = self.c.batch_size, self.rows
+        n, stream = stop - start, self.stream
+
+        def record(i):  # this process's i-th example: row start + i % n of global batch i // n
+            k, j = divmod(i, n)
+            return stream[k * big + start + j]
+
+        ds = grain.MapDataset.range(first_batch * n, len(stream) // big * n).map(record).map(self.pre)
+        opts = grain.ReadOptions(num_threads=self.c.num_threads, prefetch_buffer_size=self.c.prefetch)
+        ds = ds.to_iter_dataset(opts).map(self._keep).batch(n, drop_remainder=True)
+        return iter(ds)
+
+    def _keep(self, item):
+        return item if self.filter(item) else self.empty
 
     def __next__(self) -> dict:
-        return next(self.it)
+        batch = next(self.it)
+        self.batches += 1
+        return batch
 
     def __iter__(self):
         return self
 
     def state(self) -> dict:
-        return {"grain": self.it.get_state(), "seen": self.filter.seen, "bad": self.filter.bad}
+        """{"batches": global batches read, "seen" / "bad": record counters, one entry per process}. Called by
+        every process at the same step (a checkpoint save)."""
+        counts = np.asarray([[self.filter.seen, self.filter.bad]], np.int64)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-    def restore(self, state: dict):
-        self.it.set_state(state["grain"])
-        self.filter.seen, self.filter.bad = int(state["seen"]), int(state["bad"])
+            counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2)
+        return {"batches": self.batches, "seen": counts[:, 0].tolist(), "bad": counts[:, 1].tolist()}
+
+    def restore(self, state: dict, batches: int | None = None):
+        """Continue after `state["batches"]` global batches (`batches` for states written before that key). A
+        different process count restarts the counters from their sums on process 0."""
+        k = int(state.get("batches", batches if batches is not None else 0))
+        seen, bad = state.get("seen", 0), state.get("bad", 0)
+        seen, bad = ([x] if isinstance(x, int) else list(x) for x in (seen, bad))
+        me = jax.process_index()
+        if len(seen) == jax.process_count():
+            self.filter.seen, self.filter.bad = int(seen[me]), int(bad[me])
+        else:
+            self.filter.seen, self.filter.bad = (sum(seen), sum(bad)) if me == 0 else (0, 0)
+        self.batches = k
+        self.it = self._iterator(k)
 
 
 def eval_batches(path: str, tokenizer: Tokenizer, cfg: OmniConfig, c: DataConfig, max_examples: int | None = None,
-                 *, make_preprocessor=None):
-    """One pass over an eval file in order, in batches of the training shape (the last is padded with empty
-    examples, which have no targets and count for nothing). make_preprocessor: as for TrainIterator."""
+                 *, make_preprocessor=None, rows: tuple[int, int] | None = None):
+    """One pass over an eval file in order: global batch k is records [k*B, (k+1)*B), of which this process
+    yields its rows [start, stop) (`rows`, default all). Rows past the end or holding a bad record are empty
+    examples (no targets; they count for nothing). make_preprocessor: as for TrainIterator."""
     src = JsonlSource(path)
     media_dir = os.path.dirname(src.path)
     pre = make_preprocessor(media_dir) if make_preprocessor else Preprocessor(tokenizer, cfg, c, media_dir)
-    filt = BadRecordFilter(c, os.path.basename(path))
+    filt = BadRecordFilter(c, os.path.basename(src.path))
+    empty = _empty_example(src, pre, c, filt.name)
     n = len(src) if max_examples is None else min(len(src), max_examples)
-    buf = []
-    for i in range(n):
-        ex = pre(src[i])
-        if filt(ex):
-            buf.append(ex)
-        if len(buf) == c.batch_size:
-            yield stack(buf)
-            buf = []
-    if buf:
-        empty = jax.tree.map(np.zeros_like, buf[0])  # all-invalid: no targets
-        yield stack(buf + [empty] * (c.batch_size - len(buf)))
+    start, stop = rows or (0, c.batch_size)
+    for k in range(-(-n // c.batch_size)):
+        out = []
+        for i in range(k * c.batch_size + start, k * c.batch_size + stop):
+            ex = pre(src[i]) if i < n else empty
+            out.append(ex if i >= n or filt(ex) else empty)
+        yield stack(out)
 
 
 def stack(examples: list[dict]) -> dict:

@@ -7,7 +7,6 @@ file_version=3 (string), summary=5 (Summary{value=1 (Value{tag=1 (string), simpl
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
@@ -77,12 +76,15 @@ def frame(record: bytes) -> bytes:
 
 
 class EventWriter:
-    """Appends scalar summaries to `logdir/events.out.tfevents.<time>.<host>`."""
+    """Appends scalar summaries to `logdir/events.out.tfevents.<time>.<host>` (logdir may be a URL:
+    omni_jax.paths)."""
 
     def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self.f = open(self.path, "ab")
+        from omni_jax import paths
+
+        paths.makedirs(logdir)
+        self.path = paths.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+        self.f = paths.AppendFile(self.path)
         self.f.write(frame(encode_event(0, time.time(), file_version="brain.Event:2")))
 
     def scalars(self, step: int, values: dict[str, float]):

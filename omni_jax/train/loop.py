@@ -19,6 +19,13 @@ optimizer state mirrors them, each batch is split over the `data` x `fsdp` mesh 
 steps are compiled with those shardings and traced under `sharding.activate` (so MoE layers run expert-parallel
 over `expert`; the talker's too under train.task="talker", whose batch keys come from the task). Checkpoints
 restore onto the current shardings, so a run may resume on a different mesh.
+
+Several processes (a TPU pod, multi-node GPU; omni_jax.distributed joins them first) run one job: without a mesh
+spec the mesh is `fsdp=-1` over every device of every process, and a mesh must cover them all. data.batch_size is
+the global batch; each process feeds the rows its devices hold (train/data.py). Process 0 writes metrics.jsonl,
+TensorBoard events, the export's side files and the example question; checkpoints and exported parameters are
+written by all through Orbax. A SIGTERM to any process stops all after the same step (distributed.StopFlag). The
+workdir, --init-from and data files may be URLs (omni_jax.paths).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from omni_jax import distributed as dist
+from omni_jax import paths
 from omni_jax import sharding as S
 from omni_jax.config import ConfigError, OmniConfig
 from omni_jax.errors import OmniJaxError
@@ -144,7 +153,8 @@ def build_model(cfg, init_from: str | None, mesh=None, rules=S.DEFAULT_RULES):
     if init_from:
         from omni_jax.inference import load_model
 
-        if not os.path.isdir(init_from):
+        init_from = paths.resolve(init_from)
+        if not paths.isdir(init_from):
             raise TrainError(f"--init-from: model directory not found: {init_from}")
         model, mcfg = load_model(init_from, dtype=cfg.model.dtype, parts=parts, mesh=mesh, rules=rules)
         if mesh is not None:
@@ -185,6 +195,17 @@ def _write_tokenizer(out: str, mcfg: OmniConfig) -> str:
     return out
 
 
+def _local_side_files(src: str, out: str) -> str:
+    """Copy a model directory's tokenizer / processor / config files (not the weights) from a URL to `out`."""
+    from omni_jax.checkpoint.hf import SIDE_FILES
+
+    os.makedirs(out, exist_ok=True)
+    for fn in (*SIDE_FILES, "config.json"):
+        if paths.exists(paths.join(src, fn)):
+            paths.path(paths.join(src, fn)).copy(os.path.join(out, fn), overwrite=True)
+    return out
+
+
 def active_params(params, mcfg: OmniConfig) -> float:
     """Trainable parameters touched per token (expert tensors weighted by top-k / experts), for the MFU
     estimate (6 * active params FLOPs per token; attention's sequence-length term is left out)."""
@@ -214,14 +235,36 @@ def talker_task(cfg):
 
 
 def check_workdir(workdir: str):
+    """Create the workdir (a local path or a URL) and check that this process can write there."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        paths.makedirs(workdir)
+        probe = paths.path(paths.join(workdir, f".write_test.{jax.process_index()}"))
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
         raise TrainError(f"workdir {workdir} is not writable ({e.strerror or e})") from e
+
+
+def local_dir(workdir: str) -> str:
+    """A local folder of this process for files that are read with plain file APIs (the generated tokenizer, toy
+    data): the workdir itself for a single-process run on a local workdir, `workdir/process_<i>` with several
+    processes (they would otherwise write the same files at once), a temporary folder for a URL workdir."""
+    if paths.is_url(workdir):
+        import tempfile
+
+        return tempfile.mkdtemp(prefix="omni_jax_local_")
+    if jax.process_count() == 1:
+        return workdir
+    return os.path.join(workdir, f"process_{jax.process_index()}")
+
+
+def _job_config(cfg, workdir: str, init_from, mesh) -> str:
+    """What every process of a job must agree on: the config (but the train.debug_* test hooks), workdir, model
+    source and mesh."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for key in [k for k in cfg.train if k.startswith("debug_")]:
+        cfg.train[key] = 0
+    return json.dumps([cfg.to_json(sort_keys=True), workdir, init_from, None if mesh is None else dict(mesh.shape)])
 
 
 def _to_device(batch: dict, shardings: dict | None = None) -> dict:
@@ -298,26 +341,33 @@ def opt_state_shardings(tx, params, param_shardings, mesh):
 
 
 class MetricsLog:
-    def __init__(self, workdir: str, resume_step: int):
+    """metrics.jsonl and TensorBoard events of the run, written by the primary process only (`enabled`)."""
+
+    def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
         from omni_jax.train.events import EventWriter
 
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):  # drop rows a killed run wrote after its last checkpoint
-            with open(self.path) as f:
-                rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(rows)
-        self.f = open(self.path, "a")
-        self.tb = EventWriter(os.path.join(workdir, "tensorboard"))
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = paths.join(workdir, "metrics.jsonl")
+        if paths.exists(self.path):  # drop rows a killed run wrote after its last checkpoint
+            rows = [ln + "\n" for ln in paths.read_text(self.path).splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            paths.write_text(self.path, "".join(rows))
+        self.f = paths.AppendFile(self.path)
+        self.tb = EventWriter(paths.join(workdir, "tensorboard"))
 
     def write(self, row: dict):
-        self.f.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        self.f.write((json.dumps(row) + "\n").encode())
         self.f.flush()
         self.tb.scalars(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
 
     def close(self):
-        self.f.close()
-        self.tb.close()
+        if self.enabled:
+            self.f.close()
+            self.tb.close()
 
 
 class Trainer:
@@ -326,7 +376,7 @@ class Trainer:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None, mesh=None,
                  progress: bool = True):
-        self.cfg, self.workdir, self.progress = cfg, os.path.abspath(workdir), progress
+        self.cfg, self.workdir, self.progress = cfg, paths.resolve(workdir), progress
         self.data_cfg = _section(cfg, "data", D.DataConfig, ignore=("train_file", "eval_file"))
         self.optim_cfg = _section(cfg, "optim", TS.OptimConfig)
         self.loss_cfg = _section(cfg, "loss", TS.LossConfig)
@@ -335,21 +385,33 @@ class Trainer:
         spec, rules = mesh_config(cfg)
         self.rules = S.get_rules(rules)
         mesh = mesh if mesh is not None else spec or None
+        if mesh is None and jax.process_count() > 1:  # one job over every device of every process, not N replicas
+            mesh = "fsdp=-1"
+            log.info("%d processes: training on one mesh fsdp=%d over all their devices (--mesh to choose)",
+                     jax.process_count(), jax.device_count())
         self.mesh = S.make_mesh(mesh) if isinstance(mesh, str) else mesh
-        self.global_batch = self.data_cfg.batch_size * jax.process_count()
+        if self.mesh is not None and self.mesh.size != jax.device_count() and jax.process_count() > 1:
+            raise S.MeshError(f"the mesh covers {self.mesh.size} devices but the {jax.process_count()} processes of "
+                              f"this job have {jax.device_count()}: a multi-process mesh must use every device")
+        self.global_batch = self.data_cfg.batch_size  # data.batch_size is the global batch, over all processes
+        self.rows = (0, self.global_batch)
         if self.mesh is not None:
             split = int(np.prod([self.mesh.shape[a] for a in BATCH_MESH_AXES]))
             if self.global_batch % split:
-                raise TrainError(f"the global batch of {self.global_batch} examples (data.batch_size="
-                                 f"{self.data_cfg.batch_size} x {jax.process_count()} processes) does not divide "
-                                 f"over the mesh's batch axes data x fsdp = {split}; choose a batch size that is a "
-                                 f"multiple of {split}")
+                raise TrainError(f"the global batch of {self.global_batch} examples (data.batch_size) does not "
+                                 f"divide over the mesh's batch axes data x fsdp = {split}; choose a batch size that "
+                                 f"is a multiple of {split}")
+            self.rows = D.process_rows(batch_shardings(self.mesh, self.data_cfg)["input_ids"], self.global_batch)
         check_workdir(self.workdir)
+        dist.check_same("training config", _job_config(cfg, self.workdir, init_from, self.mesh))
+        self.local_dir = local_dir(self.workdir)
         self.train_file, self.eval_file = self._data_files()
         self.model, self.mcfg, tok_dir = build_model(cfg, init_from, self.mesh, self.rules)
         if self.talker is not None:
             self.talker.check_model(self.model)
-        self.tok_dir = tok_dir or _write_tokenizer(os.path.join(self.workdir, "tokenizer"), self.mcfg)
+        if tok_dir and paths.is_url(tok_dir):  # the tokenizer is read with plain file APIs: a local copy
+            tok_dir = _local_side_files(tok_dir, os.path.join(self.local_dir, "tokenizer"))
+        self.tok_dir = tok_dir or _write_tokenizer(os.path.join(self.local_dir, "tokenizer"), self.mcfg)
         from omni_jax.processing.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_dir(self.tok_dir)
@@ -377,7 +439,7 @@ class Trainer:
         self.flops_per_token = 6.0 * active_params(params, self.mcfg)
         # peak_flops is per device: MFU divides this host's throughput by its devices' peak
         self.num_devices = 1 if self.mesh is None else len(self.mesh.local_devices)
-        self._stop = False
+        self.stop = dist.StopFlag()  # SIGTERM on any process: every process stops after the same step
 
     def _state_shardings(self, params, frozen) -> dict:
         mesh = self.mesh
@@ -398,32 +460,33 @@ class Trainer:
             from omni_jax.train.toy import write_toy_dataset
 
             tasks = tuple(t for t in self.cfg.toy.tasks.split(",") if t)
-            return write_toy_dataset(os.path.join(self.workdir, "toy_data"), self.cfg.toy.n_train,
-                                     self.cfg.toy.n_eval, self.cfg.toy.seed, tasks,
-                                     **({} if self.talker is None else self.talker.toy_options()))
+            train, evals = write_toy_dataset(os.path.join(self.local_dir, "toy_data"), self.cfg.toy.n_train,
+                                             self.cfg.toy.n_eval, self.cfg.toy.seed, tasks,
+                                             **({} if self.talker is None else self.talker.toy_options()))
+            return train, evals if self.cfg.toy.n_eval else None  # toy.n_eval=0: no eval
         if not d.train_file:
             raise TrainError("config.data.train_file is empty (and config.toy.enabled is false)")
         for f in (d.train_file, d.eval_file):
-            if f and not os.path.isfile(f):
+            if f and (not paths.exists(f) or paths.isdir(f)):
                 raise D.DataError(f"data file not found: {f}")
-        return d.train_file, d.eval_file or None
+        return paths.resolve(d.train_file), paths.resolve(d.eval_file) if d.eval_file else None
 
     # -------------------------------------------------------------------------------------------- checkpoints
 
     def _manager(self):
         opts = ocp.CheckpointManagerOptions(max_to_keep=self.tc.keep_ckpts, create=True,
                                             enable_async_checkpointing=self.tc.async_checkpoint)
-        return ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=opts)
+        return ocp.CheckpointManager(paths.join(self.workdir, "checkpoints"), options=opts)
 
     def _layout_file(self) -> str:
-        return os.path.join(self.workdir, "checkpoints", "omni_jax_layout.json")
+        return paths.join(self.workdir, "checkpoints", "omni_jax_layout.json")
 
     def _save(self, mngr, step: int, data_it, force: bool = False):
         from omni_jax.checkpoint.orbax_io import PARAM_LAYOUT
 
-        if not os.path.exists(self._layout_file()):
-            with open(self._layout_file(), "w") as f:
-                json.dump({"param_layout": PARAM_LAYOUT}, f)
+        if dist.is_primary() and not paths.exists(self._layout_file()):
+            paths.makedirs(paths.join(self.workdir, "checkpoints"))
+            paths.write_text(self._layout_file(), json.dumps({"param_layout": PARAM_LAYOUT}))
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
                                                 data=ocp.args.JsonSave(data_it.state())), force=force)
 
@@ -434,9 +497,8 @@ class Trainer:
         from omni_jax.checkpoint.orbax_io import check_layout
 
         found = None
-        if os.path.exists(self._layout_file()):
-            with open(self._layout_file()) as f:
-                found = json.load(f).get("param_layout")
+        if paths.exists(self._layout_file()):
+            found = json.loads(paths.read_text(self._layout_file())).get("param_layout")
         check_layout(found, f"the checkpoints in {mngr.directory}")
         # Shapes, dtypes and shardings of the current (already placed) state: under a mesh every array is read
         # straight onto its shards, whatever mesh wrote the checkpoint.
@@ -449,7 +511,7 @@ class Trainer:
         for s, why in skipped:
             log.warning("skipped broken checkpoint step %d (moved to %s.broken): %s", s, s, why)
         self.state = got["state"]
-        data_it.restore(got["data"])
+        data_it.restore(got["data"], batches=int(step))
         log.info("resumed from %s step %d", mngr.directory, step)
         return int(step)
 
@@ -461,10 +523,11 @@ class Trainer:
         if self.talker is not None:
             return self.talker.evaluate(
                 lambda b: jax.device_get(self.eval_step(self.state["params"], self.state["frozen"], self._batch(b))),
-                self.eval_file, self.tokenizer, self.mcfg, self.data_cfg, self.tc.eval_max_examples or None)
+                self.eval_file, self.tokenizer, self.mcfg, self.data_cfg, self.tc.eval_max_examples or None,
+                self.rows)
         tot_loss = tot_tok = em = n = 0.0
         for batch in D.eval_batches(self.eval_file, self.tokenizer, self.mcfg, self.data_cfg,
-                                    self.tc.eval_max_examples or None):
+                                    self.tc.eval_max_examples or None, rows=self.rows):
             m = jax.device_get(self.eval_step(self.state["params"], self.state["frozen"], self._batch(batch)))
             tot_loss += float(m["ce_loss"]) * float(m["target_tokens"])
             tot_tok += float(m["target_tokens"])
@@ -475,18 +538,18 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame):
         log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
-        self._stop = True
+        self.stop.request()
 
     def run(self) -> dict:
         tc = self.tc
         data_it = (D.TrainIterator if self.talker is None else self.talker.train_iterator)(
-            self.train_file, self.tokenizer, self.mcfg, self.data_cfg)
+            self.train_file, self.tokenizer, self.mcfg, self.data_cfg, rows=self.rows)
         mngr = self._manager()
         start = self._restore(mngr, data_it)
-        metrics = MetricsLog(self.workdir, start)
+        metrics = MetricsLog(self.workdir, start, enabled=dist.is_primary())
         old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         bar = None
-        if self.progress:
+        if self.progress and dist.is_primary():
             from tqdm import tqdm
 
             bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -528,7 +591,7 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGTERM)
                 if bar is not None:
                     bar.update(1)
-                if self._stop:
+                if self.stop.agreed(step):
                     self._save(mngr, step, data_it, force=True)
                     mngr.wait_until_finished()
                     return {"status": "preempted", "step": step, **last}
@@ -542,11 +605,12 @@ class Trainer:
             if getattr(self, "skipped_steps", None):
                 done["skipped_broken_steps"] = self.skipped_steps
             if tc.export:
-                done["export"] = self.export(os.path.join(self.workdir, "export"))
-                if self.cfg.toy.enabled and self.talker is None:
+                done["export"] = self.export(paths.join(self.workdir, "export"))
+                if self.cfg.toy.enabled and self.talker is None and dist.is_primary():
                     from omni_jax.train.toy import write_example_question
 
-                    q, answer = write_example_question(self.workdir, kind=self.cfg.toy.tasks.split(",")[0])
+                    qdir = self.local_dir if paths.is_url(self.workdir) else self.workdir  # written with plain files
+                    q, answer = write_example_question(qdir, kind=self.cfg.toy.tasks.split(",")[0])
                     done.update(example_question=q, example_answer=answer)
             return done
         finally:

@@ -189,16 +189,17 @@ class TalkerPreprocessor(D.Preprocessor):
         return out
 
 
-def talker_train_iterator(path: str, tokenizer, cfg: OmniConfig, c: D.DataConfig, tc: TalkerTrainConfig):
+def talker_train_iterator(path: str, tokenizer, cfg: OmniConfig, c: D.DataConfig, tc: TalkerTrainConfig,
+                          rows=None):
     """`train.data.TrainIterator` over records with codec targets (same pipeline, `TalkerPreprocessor`)."""
     return D.TrainIterator(path, tokenizer, cfg, c, make_preprocessor=lambda media: TalkerPreprocessor(
-        tokenizer, cfg, c, media, tc))
+        tokenizer, cfg, c, media, tc), rows=rows)
 
 
 def talker_eval_batches(path: str, tokenizer, cfg: OmniConfig, c: D.DataConfig, tc: TalkerTrainConfig,
-                        max_examples: int | None = None):
+                        max_examples: int | None = None, rows=None):
     """One in-order pass over an eval file; the last batch is padded with empty (all-invalid) examples."""
-    return D.eval_batches(path, tokenizer, cfg, c, max_examples,
+    return D.eval_batches(path, tokenizer, cfg, c, max_examples, rows=rows,
                           make_preprocessor=lambda media: TalkerPreprocessor(tokenizer, cfg, c, media, tc))
 
 
@@ -387,14 +388,14 @@ class TalkerTask:
 
         return fn
 
-    def train_iterator(self, path, tokenizer, cfg, c):
-        return talker_train_iterator(path, tokenizer, cfg, c, self.tc)
+    def train_iterator(self, path, tokenizer, cfg, c, rows=None):
+        return talker_train_iterator(path, tokenizer, cfg, c, self.tc, rows)
 
-    def evaluate(self, run_eval, path, tokenizer, cfg, c, max_examples=None) -> dict:
+    def evaluate(self, run_eval, path, tokenizer, cfg, c, max_examples=None, rows=None) -> dict:
         """run_eval(numpy batch) -> metrics (host). Token-weighted CEs and accuracies over the eval file."""
         tot = dict.fromkeys(("talker", "mtp", "c0_tok", "code_tok", "c0_ok", "code_ok", "frames", "frames_ok",
                              "em", "n"), 0.0)
-        for batch in talker_eval_batches(path, tokenizer, cfg, c, self.tc, max_examples):
+        for batch in talker_eval_batches(path, tokenizer, cfg, c, self.tc, max_examples, rows):
             m = run_eval(batch)
             tot["talker"] += float(m["talker_ce"]) * float(m["target_tokens"])
             tot["mtp"] += float(m["mtp_ce"]) * float(m["code_targets"])
