@@ -89,11 +89,13 @@ def restore_newest_intact(manager, restore, *, items: tuple[str, ...] = ("state"
     way so those steps can be saved again). When no step restores nothing is moved and BrokenCheckpointError
     names every step (a model that no longer matches its checkpoints fails the same way on all of them).
     Returns (step or None when there are no steps, result, [(skipped step, one-line reason), ...])."""
+    from omni_jax import paths
+
     skipped = []
     for step in sorted(manager.all_steps(), reverse=True):
-        step_dir = os.path.join(os.fspath(manager.directory), str(step))
+        step_dir = paths.join(str(manager.directory), str(step))
         try:
-            for item in items:
+            for item in items if not paths.is_url(step_dir) else ():  # files of a bucket: the restore tells
                 check_pytree_dir(os.path.join(step_dir, item))
             with restore_errors(step_dir):
                 result = restore(step)
@@ -102,7 +104,8 @@ def restore_newest_intact(manager, restore, *, items: tuple[str, ...] = ("state"
             continue
         import jax
 
-        for bad, _ in skipped if jax.process_index() == 0 else ():  # one process moves; the others wait below
+        for bad, _ in skipped if jax.process_index() == 0 and not paths.is_url(step_dir) else ():
+            # one process moves local broken steps aside; the others wait below
             bad_dir = os.path.join(os.fspath(manager.directory), str(bad))
             aside, n = bad_dir + ".broken", 1
             while os.path.exists(aside):
