@@ -59,6 +59,41 @@ class TextModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.scan_layers = True  # run runs of identical layers as one lax.scan when there is no KV cache
+
+    def _scan_runs(self, cache, deepstack, collect_hidden) -> dict[int, int]:
+        """{first: end} of the layer runs [first, end) to scan: without a KV cache, the layers after the last
+        one that receives DeepStack features or whose output is collected, grouped into runs of at least two
+        layers of the same kind (MoE or dense). The rest run unrolled."""
+        n = len(self.layers)
+        if not self.scan_layers or cache is not None:
+            return {}
+        start = max([len(deepstack) if deepstack is not None else 0] + [j for j in collect_hidden if 0 < j < n])
+        runs, i = {}, start
+        while i < n:
+            j = i + 1
+            while j < n and self.layers[j].is_moe == self.layers[i].is_moe:
+                j += 1
+            if j - i >= 2:
+                runs[i] = j
+            i = j
+        return runs
+
+    def _scan(self, first: int, end: int, x, cos, sin, mask, moe_impl):
+        """Layers [first, end) as one lax.scan over a stacked view of their parameters (built at trace time: the
+        checkpoint layout and the sharding rules stay per layer). The compiled module holds one layer body instead
+        of end - first copies. Returns (x, per-layer router stats (probs, top_i, logits))."""
+        graphdef, state = nnx.split(self.layers[first])
+        states = [state] + [nnx.split(self.layers[j])[1] for j in range(first + 1, end)]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+        def body(h, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            h, _, r = layer(h, cos, sin, mask, None, None, moe_impl)
+            return constrain(h, ("batch", "seq", None)), r
+
+        x, rs = jax.lax.scan(body, x, stacked)
+        return x, [tuple(None if a is None else a[k] for a in rs) for k in range(end - first)]
 
     def __call__(self, embeds, positions, mask, cache=None, cache_start=None, deepstack=None,
                  collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto"):
@@ -79,17 +114,30 @@ class TextModel(nnx.Module):
         if 0 in collect_hidden:
             hidden[0] = x
         new_cache, router, router_logits = [], [], []
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layer_{i}"):
-                x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl)
-                x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
-            new_cache.append(c)
-            router.append(r[:2])
-            router_logits.append(r[2])
-            if i + 1 in collect_hidden:
-                hidden[i + 1] = x
-            if deepstack is not None and i < len(deepstack):
-                x = x + deepstack[i].astype(x.dtype)
+        scanned = self._scan_runs(cache, deepstack, collect_hidden)
+        i, n = 0, len(self.layers)
+        while i < n:
+            if i in scanned:  # a run of identical layers: one lax.scan over their stacked parameters
+                end = scanned[i]
+                with jax.named_scope(f"layers_{i}_{end - 1}"):
+                    x, per_layer = self._scan(i, end, x, cos, sin, mask, moe_impl)
+                router.extend(r[:2] for r in per_layer)
+                router_logits.extend(r[2] for r in per_layer)
+                new_cache.extend([None] * (end - i))
+                i = end
+            else:
+                layer = self.layers[i]
+                with jax.named_scope(f"layer_{i}"):
+                    x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl)
+                    x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
+                new_cache.append(c)
+                router.append(r[:2])
+                router_logits.append(r[2])
+                i += 1
+            if i in collect_hidden:
+                hidden[i] = x
+            if deepstack is not None and i - 1 < len(deepstack):
+                x = x + deepstack[i - 1].astype(x.dtype)
         x = self.norm(x)
         stats = {"hidden": hidden, "router": router, "router_logits": router_logits}
         return x, (new_cache if cache is not None else None), stats
