@@ -30,6 +30,14 @@ def _add_generate(sub):
     p.add_argument("--talker-max-new-tokens", type=int, default=4096,
                    help="for --speak: at most this many codec tokens are sampled; without codec EOS N tokens give "
                         "N-1 frames of 80 ms (as transformers' talker_max_new_tokens)")
+    from omni_jax.kernels.impls import ATTENTION_IMPLS, MOE_IMPLS
+
+    p.add_argument("--moe-impl", default="auto", metavar="NAME",
+                   help=f"MoE expert-FFN kernel: {', '.join(MOE_IMPLS)} (auto: megablox on TPU, XLA paths elsewhere; "
+                        "megablox runs on CPU in interpret mode)")
+    p.add_argument("--attention-impl", default="auto", metavar="NAME",
+                   help=f"attention kernel: {', '.join(ATTENTION_IMPLS)} (auto: splash on TPU, xla elsewhere; splash "
+                        "runs on CPU in interpret mode)")
     p.add_argument("--use-audio-in-video", action="store_true",
                    help="also feed each video's audio track, interleaved with its frames by time (videos must be "
                         "containers with an audio stream)")
@@ -94,15 +102,19 @@ def _size(s: str) -> int:
 
 def cmd_generate(a) -> int:
     from omni_jax.inference import OmniSession
+    from omni_jax.kernels.impls import check_impl
     from omni_jax.processing.chat import load_messages
 
     messages = load_messages(a.messages)  # validate the request before loading weights
+    check_impl("moe", a.moe_impl)
+    check_impl("attention", a.attention_impl)
     if a.speak is not None and getattr(a, "use_audio_in_video", False):
         from omni_jax.speech import SpeechError
 
         raise SpeechError("--speak with --use-audio-in-video is not supported (the reference's talker does not "
                           "receive use_audio_in_video either)")
-    session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None, mesh=a.mesh, rules=a.rules)
+    session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None, mesh=a.mesh, rules=a.rules,
+                          moe_impl=a.moe_impl, attention_impl=a.attention_impl)
     sampling = session.sampling(greedy=True if a.greedy else None, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed)
     if a.speak is not None:

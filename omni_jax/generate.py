@@ -99,8 +99,10 @@ class ThinkerGenerator:
     """Holds the compiled prefill/decode functions for one thinker; reuse it across requests."""
 
     def __init__(self, thinker: Thinker, *, max_context: int | None = None, cache_dtype=None,
-                 moe_impl: str = "auto", mesh=None, rules: str | S.Rules = "default"):
+                 moe_impl: str = "auto", attention_impl: str = "auto", mesh=None,
+                 rules: str | S.Rules = "default"):
         self.moe_impl = moe_impl  # kernels.moe implementation ("auto": gather for decode, grouped for prefill)
+        self.attention_impl = attention_impl  # kernels.attention implementation ("auto": by the mesh's platform)
         self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = nnx.split(thinker)
         if mesh is not None:
@@ -172,7 +174,8 @@ class ThinkerGenerator:
         cache = self._empty_cache(b, cache_len, self.cache_dtype or embeds.dtype)
         embeds = S.constrain(embeds, ("batch", "seq", None))
         hidden, cache, aux = model.model(embeds, positions, _causal_mask(p), cache=cache, deepstack=deepstack,
-                                         collect_hidden=collect, moe_impl=self.moe_impl)
+                                         collect_hidden=collect, moe_impl=self.moe_impl,
+                                         attention_impl=self.attention_impl)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return S.constrain(model.logits(last), (None, None)), cache, _replicated(aux["hidden"])
 
@@ -186,7 +189,7 @@ class ThinkerGenerator:
         s = cache[0][0].shape[1]
         mask = (jnp.arange(s)[None, None, :] <= write_idx[:, None, None])
         hidden, cache, aux = model.model(x, pos, mask, cache=cache, cache_start=write_idx, collect_hidden=collect,
-                                         moe_impl=self.moe_impl)
+                                         moe_impl=self.moe_impl, attention_impl=self.attention_impl)
         logits = S.constrain(model.logits(hidden[:, 0]), (None, None))
         nxt = S.constrain(next_token(logits, rng, params, seen=seen), (None,))
         return nxt, logits, cache, _replicated(aux["hidden"])

@@ -44,13 +44,13 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(head_dim, eps, dtype=dtype, rngs=rngs) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps, dtype=dtype, rngs=rngs) if qk_norm else None
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, impl: str = "auto"):
         """x [B, T, hidden]; cos/sin [B, T, D]; mask bool [B, T, S].
 
         Without a cache, attends over the T new tokens (S == T). With `cache=(k, v)` of [B, S, KV, D], writes
         the new keys/values at `cache_start` [B] and attends over the whole cache (S = cache length); if
         `cache_start` is None the new tokens start at 0 and attention runs over the T new tokens only (prefill).
-        Returns (out [B, T, hidden], new cache or None).
+        impl: the kernels.attention implementation. Returns (out [B, T, hidden], new cache or None).
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -67,5 +67,5 @@ class Attention(nnx.Module):
             new_cache = (ck, cv)
             if cache_start is not None:
                 keys, values = ck.astype(x.dtype), cv.astype(x.dtype)
-        out = attention(q, keys, values, mask, scale=self.head_dim ** -0.5)
+        out = attention(q, keys, values, mask, scale=self.head_dim ** -0.5, impl=impl)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache

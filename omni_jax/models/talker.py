@@ -61,7 +61,8 @@ class Talker(nnx.Module):
         """Codebook-0 / special codec ids int[...] -> embeddings [..., H] (`talker.model.codec_embedding`)."""
         return self.model.codec_embedding(ids)
 
-    def __call__(self, embeds, positions, mask, cache=None, cache_start=None, moe_impl: str = "auto"):
+    def __call__(self, embeds, positions, mask, cache=None, cache_start=None, moe_impl: str = "auto",
+                 attention_impl: str = "auto"):
         """embeds [B, T, H]; positions int [3, B, T] (T, H, W axes; [B, T] = same on all axes); mask bool [B, T, S].
 
         cache: list of (k, v) [B, S, KV, D] per layer or None; cache_start int [B] or None (prefill from 0), as in
@@ -69,7 +70,8 @@ class Talker(nnx.Module):
         The final-normed hidden state of the last position is what the code predictor receives (P12).
         """
         with jax.named_scope("talker_decoder"):
-            hidden, new_cache, _ = self.model(embeds, positions, mask, cache, cache_start, moe_impl=moe_impl)
+            hidden, new_cache, _ = self.model(embeds, positions, mask, cache, cache_start, moe_impl=moe_impl,
+                                              attention_impl=attention_impl)
         with jax.named_scope("codec_head"):
             logits = self.codec_head(hidden)
         return logits, hidden, new_cache

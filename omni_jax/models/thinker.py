@@ -40,8 +40,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = GatedMLP(h, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, moe_impl="auto"):
-        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, moe_impl="auto", attention_impl="auto"):
+        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start, attention_impl)
         x = x + a
         if self.is_moe:
             m, probs, top_i, logits = self.mlp(self.post_attention_layernorm(x), impl=moe_impl, return_logits=True)
@@ -79,7 +79,7 @@ class TextModel(nnx.Module):
             i = j
         return runs
 
-    def _scan(self, first: int, end: int, x, cos, sin, mask, moe_impl):
+    def _scan(self, first: int, end: int, x, cos, sin, mask, moe_impl, attention_impl):
         """Layers [first, end) as one lax.scan over a stacked view of their parameters (built at trace time: the
         checkpoint layout and the sharding rules stay per layer). The compiled module holds one layer body instead
         of end - first copies. Returns (x, per-layer router stats (probs, top_i, logits))."""
@@ -89,14 +89,14 @@ class TextModel(nnx.Module):
 
         def body(h, layer_state):
             layer = nnx.merge(graphdef, layer_state)
-            h, _, r = layer(h, cos, sin, mask, None, None, moe_impl)
+            h, _, r = layer(h, cos, sin, mask, None, None, moe_impl, attention_impl)
             return constrain(h, ("batch", "seq", None)), r
 
         x, rs = jax.lax.scan(body, x, stacked)
         return x, [tuple(None if a is None else a[k] for a in rs) for k in range(end - first)]
 
     def __call__(self, embeds, positions, mask, cache=None, cache_start=None, deepstack=None,
-                 collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto"):
+                 collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto", attention_impl: str = "auto"):
         """embeds [B, T, H]; positions int [3, B, T] (or [B, T]); mask bool [B, T, S].
 
         cache: list of (k, v) per layer or None. deepstack: list of [B, T, H] tensors (zero outside visual
@@ -105,6 +105,7 @@ class TextModel(nnx.Module):
         Returns (final-normed hidden [B, T, H], new cache, stats): stats["hidden"] {i: ...}, stats["router"]
         [(probs, idx), ...] and stats["router_logits"] [raw router logits [B*T, E], ...] per layer ((None, None)
         and None for dense layers). The logits are a separate list so that (probs, idx) unpacking keeps working.
+        moe_impl / attention_impl: kernels.moe / kernels.attention implementations ("auto": by target platform).
         """
         cfg = self.cfg
         with jax.named_scope("rope"):
@@ -120,7 +121,7 @@ class TextModel(nnx.Module):
             if i in scanned:  # a run of identical layers: one lax.scan over their stacked parameters
                 end = scanned[i]
                 with jax.named_scope(f"layers_{i}_{end - 1}"):
-                    x, per_layer = self._scan(i, end, x, cos, sin, mask, moe_impl)
+                    x, per_layer = self._scan(i, end, x, cos, sin, mask, moe_impl, attention_impl)
                 router.extend(r[:2] for r in per_layer)
                 router_logits.extend(r[2] for r in per_layer)
                 new_cache.extend([None] * (end - i))
@@ -128,7 +129,8 @@ class TextModel(nnx.Module):
             else:
                 layer = self.layers[i]
                 with jax.named_scope(f"layer_{i}"):
-                    x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl)
+                    x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl,
+                                    attention_impl)
                     x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
                 new_cache.append(c)
                 router.append(r[:2])

@@ -172,7 +172,7 @@ def _real_first(valid):
     return jnp.argsort(jnp.logical_not(valid.reshape(-1)).astype(jnp.int32), stable=True)
 
 
-def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto"):
+def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto", attention_impl: str = "auto"):
     """Forward the thinker of an OmniModel over a training batch: (logits [B, T, V], the decoder's stats dict
     with "router" (probs, indices) and "router_logits" per layer)."""
     th = model.thinker
@@ -190,7 +190,8 @@ def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto
     valid = batch["valid"]
     t = ids.shape[1]
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-    hidden, _, stats = th.model(embeds, batch["positions"], mask, deepstack=deepstack, moe_impl=moe_impl)
+    hidden, _, stats = th.model(embeds, batch["positions"], mask, deepstack=deepstack, moe_impl=moe_impl,
+                                attention_impl=attention_impl)
     return th.logits(hidden), stats
 
 
@@ -200,7 +201,8 @@ class LossConfig:
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0: reported as a metric, not trained on)
     compute_dtype: str = "float32"  # "bfloat16": parameters are cast for the forward (fp32 master weights)
     remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint of the forward with that policy)
-    moe_impl: str = "auto"
+    moe_impl: str = "auto"  # kernels.moe implementation ("auto": by the mesh's platform; megablox on TPU)
+    attention_impl: str = "auto"  # kernels.attention implementation ("auto": by the mesh's platform)
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -211,7 +213,8 @@ def thinker_loss(model, batch: dict, c: LossConfig, *, image_grid=None):
     """Total loss = CE(assistant tokens) + coef * load-balancing loss (transformers' thinker with labels and
     output_router_logits) + router_z_loss_coef * router z-loss (over real tokens). Returns (total, metrics)."""
     tcfg = model.thinker.cfg.text_config
-    logits, stats = thinker_logits(model, batch, image_grid=image_grid, moe_impl=c.moe_impl)
+    logits, stats = thinker_logits(model, batch, image_grid=image_grid, moe_impl=c.moe_impl,
+                                   attention_impl=c.attention_impl)
     router = stats["router"]
     ce, n_tok = masked_cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
     coef = tcfg.router_aux_loss_coef if c.aux_loss_coef is None else c.aux_loss_coef

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from omni_jax.kernels.attention.ref import attention_ref
 
+IMPLS = ("xla",)  # "auto" picks among these by the target platform (kernels/platform.py)
 
-def attention(q, k, v, mask, *, scale: float, impl: str = "xla"):
+
+def attention(q, k, v, mask, *, scale: float, impl: str = "auto"):
     """q: [B, T, H, D], k/v: [B, S, KV, D], mask: bool [B, T, S] (or broadcastable). Returns [B, T, H, D]."""
-    if impl == "xla":
+    if impl in ("auto", "xla"):
         return attention_ref(q, k, v, mask, scale)
-    raise ValueError(f"unknown attention impl {impl!r}; available: 'xla'")
+    raise ValueError(f"unknown attention impl {impl!r}; available: {list(IMPLS)} or 'auto'")
