@@ -13,8 +13,6 @@ grouped matmul there. Without a mesh nothing changes.
 
 from __future__ import annotations
 
-import jax
-
 from omni_jax.kernels.moe import expert_parallel
 from omni_jax.kernels.moe.ref import (
     expert_ffn_bucketed,
@@ -24,6 +22,7 @@ from omni_jax.kernels.moe.ref import (
     expert_ffn_sorted,
     expert_ffn_tiled,
 )
+from omni_jax.kernels.platform import platform_of
 
 IMPLS = {"sorted": expert_ffn_sorted, "tiled": expert_ffn_tiled, "bucketed": expert_ffn_bucketed,
          "slices": expert_ffn_slices, "gather": expert_ffn_gather, "dense": expert_ffn_dense}
@@ -37,7 +36,7 @@ def choose_impl(num_tokens: int, top_k: int, num_experts: int, backend: str | No
     grouped matmul); elsewhere capacity buckets (XLA's CPU/GPU `ragged_dot` is dense over all experts: 24x slower
     on an H200). Figures: docs/PERFORMANCE.md."""
     copies = num_tokens * top_k
-    backend = backend or jax.default_backend()
+    backend = backend or platform_of()  # the devices compiled for (a TPU topology from a CPU host: "tpu")
     if copies <= num_experts:
         return "gather"
     return "sorted" if backend == "tpu" else "bucketed"

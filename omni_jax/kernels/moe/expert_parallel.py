@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from omni_jax import sharding as S
+from omni_jax.kernels.platform import platform_of
 
 TRANSPORTS = ("auto", "all_to_all", "ragged", "ragged_emulated")
 
@@ -135,7 +136,7 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
 
 
 def _default_transport() -> str:
-    return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "all_to_all"
+    return "ragged" if platform_of() in ("tpu", "gpu") else "all_to_all"  # by the mesh's devices (kernels/platform)
 
 
 # ---------------------------------------------------------------------------------------------------------------
