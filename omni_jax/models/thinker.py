@@ -59,14 +59,16 @@ class TextModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.scan_layers = True  # run runs of identical layers as one lax.scan when there is no KV cache
+        # Without a KV cache, runs of at least this many identical layers run as one lax.scan (compile time of the
+        # 48-layer thinker); shorter models stay unrolled (bf16 rounding then matches the reference's op order).
+        self.scan_min_layers = 8
 
     def _scan_runs(self, cache, deepstack, collect_hidden) -> dict[int, int]:
         """{first: end} of the layer runs [first, end) to scan: without a KV cache, the layers after the last
-        one that receives DeepStack features or whose output is collected, grouped into runs of at least two
-        layers of the same kind (MoE or dense). The rest run unrolled."""
+        one that receives DeepStack features or whose output is collected, grouped into runs of at least
+        `scan_min_layers` layers of the same kind (MoE or dense). The rest run unrolled."""
         n = len(self.layers)
-        if not self.scan_layers or cache is not None:
+        if cache is not None:
             return {}
         start = max([len(deepstack) if deepstack is not None else 0] + [j for j in collect_hidden if 0 < j < n])
         runs, i = {}, start
@@ -74,7 +76,7 @@ class TextModel(nnx.Module):
             j = i + 1
             while j < n and self.layers[j].is_moe == self.layers[i].is_moe:
                 j += 1
-            if j - i >= 2:
+            if j - i >= max(2, self.scan_min_layers):
                 runs[i] = j
             i = j
         return runs
