@@ -24,6 +24,7 @@ from flax import nnx
 
 from omni_jax import sharding as S
 from omni_jax.errors import OmniJaxError
+from omni_jax.kernels.attention import AttentionMask, check_impl
 from omni_jax.models.thinker import Thinker
 from omni_jax.sampling import SamplingParams, next_token
 
@@ -91,18 +92,19 @@ def _replicated(tree):
     return jax.tree.map(lambda a: S.constrain(a, (None,) * a.ndim), tree)
 
 
-def _causal_mask(p: int):
-    return jnp.tril(jnp.ones((p, p), bool))[None]
+def _causal_mask(write_idx=None) -> AttentionMask:
+    """Prefill (write_idx None): causal over the prompt. Decode: the new token at cache slot write_idx [B] sees
+    slots 0..write_idx; slots past it are never read (kv_lengths)."""
+    return AttentionMask(causal=True) if write_idx is None else AttentionMask.decode(write_idx)
 
 
 class ThinkerGenerator:
     """Holds the compiled prefill/decode functions for one thinker; reuse it across requests."""
 
     def __init__(self, thinker: Thinker, *, max_context: int | None = None, cache_dtype=None,
-                 moe_impl: str = "auto", attention_impl: str = "auto", mesh=None,
-                 rules: str | S.Rules = "default"):
+                 moe_impl: str = "auto", mesh=None, rules: str | S.Rules = "default", attention_impl: str = "auto"):
         self.moe_impl = moe_impl  # kernels.moe implementation ("auto": gather for decode, grouped for prefill)
-        self.attention_impl = attention_impl  # kernels.attention implementation ("auto": by the mesh's platform)
+        self.attention_impl = check_impl(attention_impl)  # kernels.attention implementation
         self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = nnx.split(thinker)
         if mesh is not None:
@@ -158,7 +160,8 @@ class ThinkerGenerator:
     def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):
         model = nnx.merge(self.graphdef, state)
         return model.input_embeddings(ids, audio=audio, image=None if image_px is None else (image_px, image_grid),
-                                      video=None if video_px is None else (video_px, video_grid))
+                                      video=None if video_px is None else (video_px, video_grid),
+                                      attention_impl=self.attention_impl)
 
     # -- pure functions (jitted) -------------------------------------------------------------------------
     def _empty_cache(self, b, cache_len, dtype):
@@ -173,7 +176,7 @@ class ThinkerGenerator:
         b, p, _ = embeds.shape
         cache = self._empty_cache(b, cache_len, self.cache_dtype or embeds.dtype)
         embeds = S.constrain(embeds, ("batch", "seq", None))
-        hidden, cache, aux = model.model(embeds, positions, _causal_mask(p), cache=cache, deepstack=deepstack,
+        hidden, cache, aux = model.model(embeds, positions, _causal_mask(), cache=cache, deepstack=deepstack,
                                          collect_hidden=collect, moe_impl=self.moe_impl,
                                          attention_impl=self.attention_impl)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -186,10 +189,9 @@ class ThinkerGenerator:
         b = tokens.shape[0]
         x = model.embed(tokens[:, None])
         pos = jnp.broadcast_to(rope_pos[None, :, None], (3, b, 1))
-        s = cache[0][0].shape[1]
-        mask = (jnp.arange(s)[None, None, :] <= write_idx[:, None, None])
-        hidden, cache, aux = model.model(x, pos, mask, cache=cache, cache_start=write_idx, collect_hidden=collect,
-                                         moe_impl=self.moe_impl, attention_impl=self.attention_impl)
+        hidden, cache, aux = model.model(x, pos, _causal_mask(write_idx), cache=cache, cache_start=write_idx,
+                                         collect_hidden=collect, moe_impl=self.moe_impl,
+                                         attention_impl=self.attention_impl)
         logits = S.constrain(model.logits(hidden[:, 0]), (None, None))
         nxt = S.constrain(next_token(logits, rng, params, seen=seen), (None,))
         return nxt, logits, cache, _replicated(aux["hidden"])

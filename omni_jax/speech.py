@@ -40,6 +40,7 @@ from omni_jax import sharding as S
 from omni_jax.config import OmniConfig
 from omni_jax.errors import OmniJaxError
 from omni_jax.generate import bucket
+from omni_jax.kernels.attention import AttentionMask
 from omni_jax.positions import get_rope_index
 from omni_jax.sampling import SamplingParams, next_token
 
@@ -125,9 +126,8 @@ def _prefill(graphdef, state, embeds, positions, last, *, cache_len: int, moe_im
     slots before they become visible."""
     talker = nnx.merge(graphdef, state)
     b, n, _ = embeds.shape
-    mask = jnp.tril(jnp.ones((n, n), bool))[None]
     cache = _empty_cache(talker.cfg.text_config, b, cache_len, embeds.dtype)
-    logits, hidden, cache = talker(embeds, positions, mask, cache=cache, moe_impl=moe_impl)
+    logits, hidden, cache = talker(embeds, positions, AttentionMask(causal=True), cache=cache, moe_impl=moe_impl)
     at = last[:, None, None]
     return (jnp.take_along_axis(logits, at, axis=1)[:, 0], jnp.take_along_axis(hidden, at, axis=1)[:, 0], cache)
 
@@ -150,9 +150,8 @@ def _step(graphdef, state, cache, c0, h_last, text_row, write_idx, positions, rn
             top_k=CP_TOP_K, top_p=CP_TOP_P)
     with jax.named_scope("talker_step"):
         x = talker.next_frame_embedding(c0, residual) + text_row.astype(h_last.dtype)
-        s = cache[0][0].shape[1]
-        mask = jnp.arange(s)[None, None, :] <= write_idx[:, None, None]
-        logits, hidden, cache = talker(x[:, None], positions, mask, cache=cache, cache_start=write_idx,
+        logits, hidden, cache = talker(x[:, None], positions, AttentionMask.decode(write_idx), cache=cache,
+                                       cache_start=write_idx,
                                        moe_impl=moe_impl)
     with jax.named_scope("sample_codec"):
         nxt = next_token(logits[:, 0], rng_talker, params, seen=seen, suppress=suppress)

@@ -7,7 +7,7 @@ points (`kernels.moe.api.IMPLS`, `kernels.attention.api.IMPLS`) what this build 
 
 "auto" picks by the platform of the devices the step is compiled for (kernels/platform.py): the Pallas TPU
 kernels (megablox, splash) on TPU, the XLA paths elsewhere. The Pallas TPU kernels also run on CPU in interpret
-mode (slow; for tests and for checking a TPU run on a laptop), but not on GPU.
+mode (slow; for tests and for checking a TPU run on a laptop), but not on GPU; see RUNS_ON.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from __future__ import annotations
 from omni_jax.errors import OmniJaxError
 
 MOE_IMPLS = ("auto", "megablox", "sorted", "tiled", "bucketed", "slices", "gather", "dense")
-ATTENTION_IMPLS = ("auto", "splash", "xla")
-TPU_ONLY = ("megablox", "splash")  # Pallas TPU kernels: TPU, or CPU in interpret mode
+ATTENTION_IMPLS = ("auto", "xla", "live", "splash", "flash", "cudnn", "decode")
+# Where a kernel runs: Pallas TPU kernels on TPU, Pallas Triton kernels on GPU (both also on CPU in interpret
+# mode), cuDNN only on GPU. Names not listed run everywhere (XLA).
+RUNS_ON = {"megablox": ("tpu", "cpu"), "splash": ("tpu", "cpu"), "flash": ("gpu", "cpu"), "decode": ("gpu", "cpu"),
+           "cudnn": ("gpu",)}
 
 
 class KernelChoiceError(OmniJaxError):
@@ -28,7 +31,7 @@ def _available(kind: str) -> tuple[str, ...]:
         from omni_jax.kernels.moe.api import IMPLS
     else:
         from omni_jax.kernels.attention.api import IMPLS
-    return ("auto", *IMPLS)
+    return tuple(dict.fromkeys(("auto", *IMPLS)))
 
 
 def check_impl(kind: str, name: str, platform: str | None = None, flag: str | None = None) -> str:
@@ -41,11 +44,11 @@ def check_impl(kind: str, name: str, platform: str | None = None, flag: str | No
         listed = MOE_IMPLS if kind == "moe" else ATTENTION_IMPLS
         why = "is not available in this build" if name in listed else "is unknown"
         raise KernelChoiceError(f"{flag} {name!r} {why}; choose one of: {', '.join(available)}")
-    if name in TPU_ONLY:
+    if name in RUNS_ON:
         from omni_jax.kernels.platform import platform_of
 
         target = platform or platform_of()
-        if target not in ("tpu", "cpu"):
-            raise KernelChoiceError(f"{flag} {name!r} is a Pallas TPU kernel: it runs on TPU (or on CPU in "
-                                    f"interpret mode), not on {target}; use 'auto' or an XLA implementation")
+        if target not in RUNS_ON[name]:
+            raise KernelChoiceError(f"{flag} {name!r} runs on {' or '.join(RUNS_ON[name])} (cpu: interpret mode), "
+                                    f"not on {target}; use 'auto' or an XLA implementation")
     return name

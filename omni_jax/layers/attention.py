@@ -45,12 +45,13 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, eps, dtype=dtype, rngs=rngs) if qk_norm else None
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, impl: str = "auto"):
-        """x [B, T, hidden]; cos/sin [B, T, D]; mask bool [B, T, S].
+        """x [B, T, hidden]; cos/sin [B, T, D]; mask: an AttentionMask (or bool [B, T, S] for the xla impl);
+        impl: the kernels.attention implementation.
 
         Without a cache, attends over the T new tokens (S == T). With `cache=(k, v)` of [B, S, KV, D], writes
         the new keys/values at `cache_start` [B] and attends over the whole cache (S = cache length); if
         `cache_start` is None the new tokens start at 0 and attention runs over the T new tokens only (prefill).
-        impl: the kernels.attention implementation. Returns (out [B, T, hidden], new cache or None).
+        Returns (out [B, T, hidden], new cache or None).
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)

@@ -9,7 +9,8 @@ audio keeps its own row so that shapes are static under jit:
 
 Because only an audio's last chunk can be partial, its tokens are the first `num_audio_tokens(len)` rows of
 its K*13 chunk slots. Attention runs inside fixed-size blocks with a key-validity mask, so time and memory are
-linear in the audio length (never an L x L mask).
+linear in the audio length (never an L x L mask): each window is a batch row whose live keys are a prefix
+(AttentionMask(kv_lengths=...)).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from omni_jax.config import AudioEncoderConfig
-from omni_jax.kernels.attention import attention
+from omni_jax.kernels.attention import AttentionMask, attention
 from omni_jax.layers.core import LayerNorm, Linear, gelu_exact, param
 from omni_jax.processing.audio import TOKENS_PER_FULL_CHUNK, num_audio_tokens
 
@@ -74,13 +75,14 @@ class AudioAttention(nnx.Module):
         self.v_proj = Linear(d_model, d_model, ("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.out_proj = Linear(d_model, d_model, ("heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, key_valid, impl: str = "xla"):
-        """x [N, W, D] (N blocks of W tokens); key_valid bool [N, W]. Returns [N, W, D]."""
+    def __call__(self, x, live, impl: str = "auto"):
+        """x [N, W, D] (N blocks of W tokens); live int [N]: the first live[n] tokens of block n are real (the
+        others are neither seen nor meaningful). Returns [N, W, D]."""
         n, w, d = x.shape
         q = self.q_proj(x).reshape(n, w, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(n, w, self.num_heads, self.head_dim)
         v = self.v_proj(x).reshape(n, w, self.num_heads, self.head_dim)
-        out = attention(q, k, v, key_valid[:, None, :], scale=self.head_dim ** -0.5, impl=impl)
+        out = attention(q, k, v, AttentionMask(kv_lengths=live), scale=self.head_dim ** -0.5, impl=impl)
         return self.out_proj(out.reshape(n, w, d))
 
 
@@ -95,8 +97,8 @@ class AudioEncoderLayer(nnx.Module):
         self.fc2 = Linear(cfg.encoder_ffn_dim, d, ("mlp", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
         self.final_layer_norm = LayerNorm(d, 1e-5, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, key_valid, impl: str = "xla"):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), key_valid, impl)
+    def __call__(self, x, live, impl: str = "auto"):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), live, impl)
         x = x + self.fc2(gelu_exact(self.fc1(self.final_layer_norm(x))))
         if x.dtype == jnp.float16:  # the reference clamps only in fp16
             big = jnp.finfo(jnp.float16).max - 1000
@@ -164,7 +166,7 @@ class AudioEncoder(nnx.Module):
         pos = sinusoid_table(t, self.cfg.d_model)  # positions restart at 0 in every chunk
         return x + jnp.asarray(pos, x.dtype)
 
-    def __call__(self, features, frame_lengths, *, conv_batch: int | None = None, attn_impl: str = "xla"):
+    def __call__(self, features, frame_lengths, *, conv_batch: int | None = None, attn_impl: str = "auto"):
         """features: float [B, num_mel_bins, T] (frames >= frame_lengths[b] are ignored);
         frame_lengths: int [B] valid mel frames per audio (feature_attention_mask.sum(-1)).
 
@@ -207,11 +209,11 @@ class AudioEncoder(nnx.Module):
             w = self.window_tokens
             kw = -(-(k * tpc) // w)
             h = jnp.pad(h, ((0, 0), (0, kw * w - k * tpc), (0, 0))).reshape(b * kw, w, cfg.d_model)
-            valid = (jnp.arange(kw * w)[None, :] < token_lengths[:, None]).reshape(b * kw, w)
+            live = jnp.clip(token_lengths[:, None] - jnp.arange(kw)[None, :] * w, 0, w).reshape(b * kw)
 
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"audio_layer_{i}"):
-                h = layer(h, valid, attn_impl)
+                h = layer(h, live, attn_impl)
 
         with jax.named_scope("audio_projection"):
             h = self.proj2(gelu_exact(self.proj1(self.ln_post(h))))

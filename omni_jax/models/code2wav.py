@@ -21,6 +21,7 @@ from flax import nnx
 
 from omni_jax.config import Code2WavConfig
 from omni_jax.errors import OmniJaxError
+from omni_jax.kernels.attention import AttentionMask
 from omni_jax.layers.attention import Attention
 from omni_jax.layers.core import Embed, LayerNorm, Linear, RMSNorm, gelu_exact, param
 from omni_jax.layers.mlp import GatedMLP
@@ -176,17 +177,16 @@ class TransformerLayer(nnx.Module):
         self.self_attn_layer_scale = LayerScale(h, cfg.layer_scale_initial_scale, dtype=dtype)
         self.mlp_layer_scale = LayerScale(h, cfg.layer_scale_initial_scale, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask):
-        a, _ = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, attention_impl: str = "auto"):
+        a, _ = self.self_attn(self.input_layernorm(x), cos, sin, mask, impl=attention_impl)
         x = x + self.self_attn_layer_scale(a)
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
 def sliding_window_mask(length: int, window: int) -> jnp.ndarray:
-    """bool [1, T, T]: key j visible to query i iff i - window < j <= i (the window includes the current token)."""
-    i = jnp.arange(length)[:, None]
-    j = jnp.arange(length)[None, :]
-    return ((j <= i) & (j > i - window))[None]
+    """bool [1, T, T]: key j visible to query i iff i - window < j <= i (the window includes the current token).
+    The model passes the rule as data (AttentionMask(causal=True, window=window)); this boolean is its reference."""
+    return AttentionMask(causal=True, window=window).dense(1, length, length)
 
 
 class PreTransformer(nnx.Module):
@@ -197,16 +197,16 @@ class PreTransformer(nnx.Module):
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
-        """x [B, T, H] -> final-normed [B, T, H]; positions 0..T-1."""
+    def __call__(self, x, attention_impl: str = "auto"):
+        """x [B, T, H] -> final-normed [B, T, H]; positions 0..T-1; causal sliding-window attention."""
         b, t, _ = x.shape
         with jax.named_scope("rope"):
             pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
             cos, sin = cos_sin(rope_angles(pos, self.head_dim, self.cfg.rope_theta), x.dtype)
-        mask = sliding_window_mask(t, self.cfg.sliding_window)
+        mask = AttentionMask(causal=True, window=self.cfg.sliding_window)
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, attention_impl)
         return self.norm(x)
 
 
@@ -271,13 +271,13 @@ class Code2Wav(nnx.Module):
         offset = (jnp.arange(self.cfg.num_quantizers) * self.cfg.codebook_size)[None, :, None]
         return jnp.mean(self.code_embedding(codes + offset), axis=1)
 
-    def __call__(self, codes):
+    def __call__(self, codes, attention_impl: str = "auto"):
         """codes int [B, G, T] -> waveform [B, 1, output_length(T)] in [-1, 1] (activation dtype = param dtype)."""
         self.validate_codes(codes)
         with jax.named_scope("code_embedding"):
             x = self.embed(codes)
         with jax.named_scope("pre_transformer"):
-            x = self.pre_transformer(x)
+            x = self.pre_transformer(x, attention_impl)
         with jax.named_scope("upsample"):
             for stage in self.upsample:
                 for m in stage:

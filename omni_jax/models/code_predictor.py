@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omni_jax.config import CodePredictorConfig
+from omni_jax.kernels.attention import AttentionMask
 from omni_jax.layers.attention import Attention
 from omni_jax.layers.core import RMSNorm, param
 from omni_jax.layers.mlp import GatedMLP
@@ -36,8 +37,8 @@ class DenseDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = GatedMLP(h, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None):
-        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_start=None, attention_impl: str = "auto"):
+        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start, attention_impl)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
@@ -73,8 +74,8 @@ class CodePredictorModel(nnx.Module):
         self.codec_embedding = StackedEmbed(cfg.num_code_groups - 1, cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                             rngs=rngs)
 
-    def __call__(self, embeds, positions, mask, cache=None, cache_start=None):
-        """embeds [B, T, H]; positions int [B, T] (plain 1-D RoPE); mask bool [B, T, S].
+    def __call__(self, embeds, positions, mask, cache=None, cache_start=None, attention_impl: str = "auto"):
+        """embeds [B, T, H]; positions int [B, T] (plain 1-D RoPE); mask: AttentionMask (or bool [B, T, S], xla).
 
         cache: list of (k, v) [B, S, KV, D] per layer or None; cache_start int [B] or None (prefill from 0).
         Returns (final-normed hidden [B, T, H], new cache or None).
@@ -86,7 +87,7 @@ class CodePredictorModel(nnx.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start)
+                x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, attention_impl)
             new_cache.append(c)
         return self.norm(x), (new_cache if cache is not None else None)
 
@@ -104,9 +105,9 @@ class CodePredictor(nnx.Module):
     def num_residual(self) -> int:
         return self.cfg.num_code_groups - 1
 
-    def __call__(self, embeds, positions, mask, cache=None, cache_start=None):
+    def __call__(self, embeds, positions, mask, cache=None, cache_start=None, attention_impl: str = "auto"):
         """Decoder only: see `CodePredictorModel.__call__`. Returns (hidden [B, T, H], new cache)."""
-        return self.model(embeds, positions, mask, cache, cache_start)
+        return self.model(embeds, positions, mask, cache, cache_start, attention_impl)
 
     def head_logits(self, head, hidden):
         """lm_head[head] (codebook head+1): hidden [..., H] -> logits [..., V]."""
@@ -129,14 +130,15 @@ class CodePredictor(nnx.Module):
 
     def predict_frame(self, h_last: jnp.ndarray, c0_embed: jnp.ndarray, *, greedy: bool = True,
                       rng: jax.Array | None = None, temperature: float = 1.0, top_k: int | None = 50,
-                      top_p: float | None = 0.8, return_logits: bool = False):
+                      top_p: float | None = 0.8, return_logits: bool = False, attention_impl: str = "auto"):
         """Residual codes of one frame, as HF's `code_predictor.generate(max_new_tokens=G-1)`.
 
         h_last [B, H]: the talker's final-normed hidden state at its last position; c0_embed [B, H]: the talker's
         `codec_embedding(c0)`. greedy=True -> argmax (HF do_sample=False); otherwise HF warpers with the given
         temperature / top_k / top_p (the talker passes top_k=50, top_p=0.8, temperature 1.0) and `rng`.
         Returns codes int32 [B, G-1] (and logits fp32 [B, G-1, V] when return_logits). Static shapes; the G-2
-        single-token steps run in one `lax.scan` over a G-slot cache.
+        single-token steps run in one `lax.scan` over a G-slot cache. attention_impl: kernels.attention's (`auto`
+        keeps XLA here: a 16-key cache is too small for a kernel to pay).
         """
         if not greedy and rng is None:
             raise ValueError("predict_frame: sampling (greedy=False) needs an rng key")
@@ -144,7 +146,6 @@ class CodePredictor(nnx.Module):
         b, _ = h_last.shape
         dtype = h_last.dtype
         g = self.cfg.num_code_groups
-        slots = jnp.arange(g)
 
         def pick(logits, step):
             logits = logits.astype(jnp.float32)  # HF generate samples from fp32 logits
@@ -155,8 +156,8 @@ class CodePredictor(nnx.Module):
         with jax.named_scope("code_predictor_prefill"):
             x = jnp.stack([h_last, c0_embed.astype(dtype)], axis=1)  # [B, 2, H]
             pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32)[None], (b, 2))
-            mask = jnp.tril(jnp.ones((2, 2), bool))[None]
-            hidden, cache = self.model(x, pos, mask, cache=self.empty_cache(b, dtype))
+            hidden, cache = self.model(x, pos, AttentionMask(causal=True), cache=self.empty_cache(b, dtype),
+                                       attention_impl=attention_impl)
             logits0 = self.head_logits(0, hidden[:, -1]).astype(jnp.float32)
             code0 = pick(logits0, 0)
 
@@ -164,8 +165,9 @@ class CodePredictor(nnx.Module):
             cache, code = carry
             x = self.model.codec_embedding(k - 1, code)[:, None, :].astype(dtype)  # [B, 1, H]
             p = jnp.full((b, 1), k + 1, jnp.int32)
-            mask = jnp.broadcast_to((slots <= k + 1)[None, None, :], (b, 1, g))
-            hidden, cache = self.model(x, p, mask, cache=cache, cache_start=jnp.full((b,), k + 1, jnp.int32))
+            start = jnp.full((b,), k + 1, jnp.int32)
+            hidden, cache = self.model(x, p, AttentionMask.decode(start), cache=cache, cache_start=start,
+                                       attention_impl=attention_impl)
             logits = self.head_logits(k, hidden[:, 0]).astype(jnp.float32)
             code = pick(logits, k)
             return (cache, code), (code, logits)

@@ -63,7 +63,8 @@ class Talker(nnx.Module):
 
     def __call__(self, embeds, positions, mask, cache=None, cache_start=None, moe_impl: str = "auto",
                  attention_impl: str = "auto"):
-        """embeds [B, T, H]; positions int [3, B, T] (T, H, W axes; [B, T] = same on all axes); mask bool [B, T, S].
+        """embeds [B, T, H]; positions int [3, B, T] (T, H, W axes; [B, T] = same on all axes); mask: AttentionMask
+        (or bool [B, T, S] for the xla impl).
 
         cache: list of (k, v) [B, S, KV, D] per layer or None; cache_start int [B] or None (prefill from 0), as in
         `TextModel`. Returns (logits [B, T, vocab] (codebook 0), final-normed hidden [B, T, H], new cache).

@@ -99,7 +99,8 @@ class TextModel(nnx.Module):
 
     def __call__(self, embeds, positions, mask, cache=None, cache_start=None, deepstack=None,
                  collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto", attention_impl: str = "auto"):
-        """embeds [B, T, H]; positions int [3, B, T] (or [B, T]); mask bool [B, T, S].
+        """embeds [B, T, H]; positions int [3, B, T] (or [B, T]); mask: kernels.attention.AttentionMask (or bool
+        [B, T, S] for the xla impl); attention_impl: the kernels.attention implementation.
 
         cache: list of (k, v) per layer or None. deepstack: list of [B, T, H] tensors (zero outside visual
         positions) added to the outputs of the first len(deepstack) layers. collect_hidden: indices into the
@@ -161,7 +162,8 @@ class Thinker(nnx.Module):
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
 
-    def input_embeddings(self, input_ids, *, audio=None, image=None, video=None, audio_conv_batch=None):
+    def input_embeddings(self, input_ids, *, audio=None, image=None, video=None, audio_conv_batch=None,
+                         attention_impl: str = "auto"):
         """Token embeddings with encoder rows scattered into their placeholders (reference §2.5).
 
         input_ids int [B, L]. audio: (features [Na, mel, T], frame_lengths [Na]) for every audio of the batch in
@@ -174,7 +176,7 @@ class Thinker(nnx.Module):
         dtype = x.dtype
         if audio is not None:
             with jax.named_scope("audio_encoder"):
-                tokens, lengths = self.audio_tower(*audio, conv_batch=audio_conv_batch)
+                tokens, lengths = self.audio_tower(*audio, conv_batch=audio_conv_batch, attn_impl=attention_impl)
             slots = input_ids == cfg.audio_token_id
             ranks = _ranks(slots)
             rows = packed_row_index(lengths, ranks, tokens.shape[1])
@@ -185,7 +187,7 @@ class Thinker(nnx.Module):
             if inputs is None:
                 continue
             with jax.named_scope(f"vision_encoder_{kind}"):
-                merged, levels = self.visual(*inputs)
+                merged, levels = self.visual(*inputs, attention_impl=attention_impl)
             slots = input_ids == token_id
             ranks = jnp.clip(_ranks(slots), 0, merged.shape[0] - 1)
             x = jnp.where(slots[..., None], merged[ranks].astype(dtype), x)

@@ -10,8 +10,9 @@ transform invertible without knowing the patch shape (see checkpoint/keys_vision
 `grid_thw` is static (a tuple of (t, h, w) tuples): all position tables (pos-embed interpolation taps, 2-D RoPE
 coordinates) are built in numpy at trace time, and attention runs per temporal frame of each image/video with no
 attention across frames or items. Frames of equal size are batched together ([frames, h*w, heads, head_dim]), so
-no [N, N] mask is ever built; tokens are permuted once so that each size group is contiguous, and the merger
-outputs are permuted back.
+no [N, N] mask is ever built (AttentionMask(): each frame is its own batch row, the block-diagonal mask of the
+reference's cu_seqlens without any cross-frame work); tokens are permuted once so that each size group is
+contiguous, and the merger outputs are permuted back.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flax import nnx
 
 from omni_jax.config import VisionEncoderConfig
 from omni_jax.errors import OmniJaxError
-from omni_jax.kernels.attention import attention
+from omni_jax.kernels.attention import AttentionMask, attention
 from omni_jax.layers.core import Embed, LayerNorm, Linear, gelu_exact, gelu_tanh, param
 
 GridTHW = tuple[tuple[int, int, int], ...]
@@ -158,7 +159,7 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(d, 3 * d, ("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.proj = Linear(d, d, ("heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, groups):
+    def __call__(self, x, cos, sin, groups, impl: str = "auto"):
         """x: [N, D] (tokens grouped by segment length); cos/sin fp32 [N, head_dim]; groups ((n_seg, len), ...)."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
@@ -171,7 +172,7 @@ class VisionAttention(nnx.Module):
             sl = slice(off, off + n_seg * length)
             shape = (n_seg, length, self.num_heads, self.head_dim)
             o = attention(q[sl].reshape(shape), k[sl].reshape(shape), v[sl].reshape(shape),
-                          jnp.ones((1, 1, 1), bool), scale=self.head_dim ** -0.5)
+                          AttentionMask(), scale=self.head_dim ** -0.5, impl=impl)
             outs.append(o.reshape(n_seg * length, -1))
             off += n_seg * length
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
@@ -203,8 +204,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
         self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, groups):
-        x = x + self.attn(self.norm1(x), cos, sin, groups)
+    def __call__(self, x, cos, sin, groups, attention_impl: str = "auto"):
+        x = x + self.attn(self.norm1(x), cos, sin, groups, attention_impl)
         return x + self.mlp(self.norm2(x))
 
 
@@ -258,7 +259,7 @@ class VisionEncoder(nnx.Module):
         self.merger_list = nnx.List([PatchMerger(cfg, postshuffle=True, dtype=dtype, rngs=rngs)
                                      for _ in cfg.deepstack_visual_indexes])
 
-    def __call__(self, pixel_values, grid_thw) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, pixel_values, grid_thw, attention_impl: str = "auto") -> tuple[jax.Array, list[jax.Array]]:
         """pixel_values: [N, C*T*P*P] in the processor's patch order; grid_thw: static ((t, h, w), ...).
 
         Returns the merger output [N/4, out_hidden] (what replaces the image/video tokens) and one DeepStack
@@ -299,7 +300,7 @@ class VisionEncoder(nnx.Module):
         idxs = list(cfg.deepstack_visual_indexes)
         for i, blk in enumerate(self.blocks):
             with jax.named_scope(f"block_{i}"):
-                x = blk(x, cos, sin, groups)
+                x = blk(x, cos, sin, groups, attention_impl)
             if i in idxs:
                 with jax.named_scope(f"deepstack_merger_{idxs.index(i)}"):
                     deepstack.append(self.merger_list[idxs.index(i)](x))

@@ -26,6 +26,7 @@ from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.errors import OmniJaxError
+from omni_jax.kernels.attention import AttentionMask
 
 # Freeze presets for the paper's training stages (regexes over dotted parameter paths of an OmniModel, e.g.
 # "thinker.model.layers.0.mlp.gate.kernel"). A parameter is frozen when any pattern matches it (re.search).
@@ -172,6 +173,12 @@ def _real_first(valid):
     return jnp.argsort(jnp.logical_not(valid.reshape(-1)).astype(jnp.int32), stable=True)
 
 
+def padded_causal_mask(valid) -> AttentionMask:
+    """Causal attention over right-padded rows: valid bool [B, T] is a prefix of each row (train/data.py), so the
+    keys a row may see are its first sum(valid) (kv_lengths)."""
+    return AttentionMask(causal=True, kv_lengths=jnp.sum(valid, axis=-1, dtype=jnp.int32))
+
+
 def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto", attention_impl: str = "auto"):
     """Forward the thinker of an OmniModel over a training batch: (logits [B, T, V], the decoder's stats dict
     with "router" (probs, indices) and "router_logits" per layer)."""
@@ -186,12 +193,9 @@ def thinker_logits(model, batch: dict, *, image_grid=None, moe_impl: str = "auto
         px = batch["image_pixels"]
         perm = _real_first(batch["image_valid"])
         image = (px.reshape(-1, *px.shape[2:])[perm].reshape(-1, px.shape[-1]), image_grid)
-    embeds, deepstack = th.input_embeddings(ids, audio=audio, image=image)
-    valid = batch["valid"]
-    t = ids.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-    hidden, _, stats = th.model(embeds, batch["positions"], mask, deepstack=deepstack, moe_impl=moe_impl,
-                                attention_impl=attention_impl)
+    embeds, deepstack = th.input_embeddings(ids, audio=audio, image=image, attention_impl=attention_impl)
+    hidden, _, stats = th.model(embeds, batch["positions"], padded_causal_mask(batch["valid"]), deepstack=deepstack,
+                                moe_impl=moe_impl, attention_impl=attention_impl)
     return th.logits(hidden), stats
 
 
@@ -201,8 +205,8 @@ class LossConfig:
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0: reported as a metric, not trained on)
     compute_dtype: str = "float32"  # "bfloat16": parameters are cast for the forward (fp32 master weights)
     remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint of the forward with that policy)
-    moe_impl: str = "auto"  # kernels.moe implementation ("auto": by the mesh's platform; megablox on TPU)
-    attention_impl: str = "auto"  # kernels.attention implementation ("auto": by the mesh's platform)
+    moe_impl: str = "auto"
+    attention_impl: str = "auto"  # kernels.attention implementation
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,

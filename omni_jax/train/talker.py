@@ -225,11 +225,9 @@ def _thinker_rows(model, batch: dict, *, image_grid=None, moe_impl: str = "auto"
         perm = TS._real_first(batch["image_valid"])
         image = (px.reshape(-1, *px.shape[2:])[perm].reshape(-1, px.shape[-1]), image_grid)
     embeds, deepstack = th.input_embeddings(ids, audio=audio, image=image)
-    t = ids.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None] & batch["valid"][:, None, :]
     k = model.cfg.talker_config.accept_hidden_layer
-    _, _, stats = th.model(embeds, batch["positions"], mask, deepstack=deepstack, collect_hidden=(0, k),
-                           moe_impl=moe_impl)
+    _, _, stats = th.model(embeds, batch["positions"], TS.padded_causal_mask(batch["valid"]), deepstack=deepstack,
+                           collect_hidden=(0, k), moe_impl=moe_impl)
     return stats["hidden"][0], stats["hidden"][k]
 
 
@@ -303,7 +301,7 @@ def talker_loss(model, batch: dict, cfg: TalkerTrainConfig, *, image_grid=None, 
     embeds = talker_inputs(model, batch, image_grid=image_grid, moe_impl=moe_impl)
     valid = batch["talker_valid"]
     t2 = valid.shape[1]
-    mask = jnp.tril(jnp.ones((t2, t2), bool))[None] & valid[:, None, :]
+    mask = TS.padded_causal_mask(valid)  # talker_valid is a prefix of each row, as the thinker's valid
     positions = jnp.moveaxis(batch["talker_positions"], 1, 0)
     with jax.named_scope("talker_decoder"):
         hidden, _, stats = talker.model(embeds, positions, mask, moe_impl=moe_impl)
