@@ -39,6 +39,9 @@ CHIPS = {
 }
 MODES = ("train", "prefill", "decode")
 _MOSAIC = re.compile(r'custom_call_target="tpu_custom_call"')
+# The TPU compiler refuses a module whose temporaries exceed the chip's HBM; the message gives both sizes.
+_HBM_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 @dataclasses.dataclass
@@ -67,6 +70,8 @@ class CompileReport:
     mosaic_kernel_calls: int
     compile_seconds: float
     hlo_path: str | None = None
+    # When the compiler refused the step (temporaries > HBM): its message; memory figures then come from it.
+    compile_error: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,6 +83,10 @@ def _gib(n: float) -> str:
 
 def format_report(r: CompileReport) -> str:
     mesh = ",".join(f"{a}={s}" for a, s in r.mesh.items() if s > 1) or "1 device"
+    if r.compile_error:
+        return (f"{r.mode} step for {r.topology} ({r.devices} x {r.device_kind}), mesh {mesh}, batch {r.batch}, seq "
+                f"{r.seq_len}: does NOT fit; the TPU compiler refused it ({r.compile_error}) after "
+                f"{r.compile_seconds:.1f} s")
     return "\n".join([
         f"{r.mode} step compiled for {r.topology} ({r.devices} x {r.device_kind}), mesh {mesh}, batch {r.batch}, "
         f"seq {r.seq_len}, {r.layers} layers, moe {r.moe_impl}, attention {r.attention_impl}",
@@ -265,7 +274,26 @@ def compile_step(cfg: OmniConfig, topology: str, mesh_spec: str, mode: str, *, r
     else:
         lowered, params = _lower_serving(model, mesh, rules_t, mode, batch=batch, seq_len=seq_len,
                                          moe_impl=moe_impl, attention_impl=attention_impl)
-    compiled = lowered.compile()
+    kind = devices[0].device_kind
+    hbm, peak_flops = CHIPS.get(kind, (0, 0.0))
+    tokens = batch * (1 if mode == "decode" else seq_len)
+    model_flops = (6.0 if mode == "train" else 2.0) * _active_params(params, text_cfg) * tokens / len(devices)
+    common = dict(topology=topology, devices=len(devices), device_kind=kind, mesh=sizes, mode=mode, batch=batch,
+                  seq_len=seq_len, layers=text_cfg.num_hidden_layers, moe_impl=moe_impl,
+                  attention_impl=attention_impl, model_flops_per_chip=model_flops, peak_flops_per_chip=peak_flops)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 (JaxRuntimeError)
+        m = _HBM_OOM.search(str(e))
+        if m is None:
+            raise
+        temp = int(float(m.group(1)) * _UNIT[m.group(2)])
+        return CompileReport(**common, argument_bytes_per_chip=0, output_bytes_per_chip=0, temp_bytes_per_chip=temp,
+                             alias_bytes_per_chip=0, peak_bytes_per_chip=temp,
+                             hbm_bytes_per_chip=int(float(m.group(3)) * _UNIT[m.group(4)]), fits=False, flops=0.0,
+                             step_seconds_at_50pct=model_flops / (0.5 * peak_flops) if peak_flops else 0.0,
+                             mosaic_kernel_calls=0,
+                             compile_seconds=time.perf_counter() - t0, compile_error=m.group(0))
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -277,19 +305,13 @@ def compile_step(cfg: OmniConfig, topology: str, mesh_spec: str, mode: str, *, r
         hlo_path = os.path.join(dump_hlo, f"{mode}_{topology.replace(':', '_')}.hlo.txt")
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    kind = devices[0].device_kind
-    hbm, peak_flops = CHIPS.get(kind, (0, 0.0))
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    tokens = batch * (1 if mode == "decode" else seq_len)
-    model_flops = (6.0 if mode == "train" else 2.0) * _active_params(params, text_cfg) * tokens / len(devices)
     return CompileReport(
-        topology=topology, devices=len(devices), device_kind=kind, mesh=sizes, mode=mode, batch=batch,
-        seq_len=seq_len, layers=text_cfg.num_hidden_layers, moe_impl=moe_impl, attention_impl=attention_impl,
-        argument_bytes_per_chip=int(mem.argument_size_in_bytes), output_bytes_per_chip=int(mem.output_size_in_bytes),
+        **common, argument_bytes_per_chip=int(mem.argument_size_in_bytes),
+        output_bytes_per_chip=int(mem.output_size_in_bytes),
         temp_bytes_per_chip=int(mem.temp_size_in_bytes), alias_bytes_per_chip=int(mem.alias_size_in_bytes),
         peak_bytes_per_chip=int(peak), hbm_bytes_per_chip=int(hbm), fits=bool(hbm) and peak <= hbm,
-        flops=float(cost.get("flops", 0.0)) if cost else 0.0, model_flops_per_chip=model_flops,
-        peak_flops_per_chip=peak_flops,
+        flops=float(cost.get("flops", 0.0)) if cost else 0.0,
         step_seconds_at_50pct=max(float(cost.get("flops", 0.0)) if cost else 0.0, model_flops) / (0.5 * peak_flops)
         if peak_flops else 0.0,
         mosaic_kernel_calls=len(_MOSAIC.findall(hlo)), compile_seconds=seconds, hlo_path=hlo_path)

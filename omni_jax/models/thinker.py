@@ -6,6 +6,9 @@ so the key table in omni_jax/checkpoint/hf.py stays a short list of transforms.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +21,22 @@ from omni_jax.layers.rope import cos_sin, rope_angles
 from omni_jax.models.audio_encoder import AudioEncoder, packed_row_index
 from omni_jax.models.vision_encoder import VisionEncoder
 from omni_jax.sharding import constrain
+
+# jax.checkpoint policy for each scanned layer (training; see `layer_remat`): unset = no per-layer remat.
+_UNSET = object()
+_LAYER_REMAT: contextvars.ContextVar = contextvars.ContextVar("omni_jax_layer_remat", default=_UNSET)
+
+
+@contextlib.contextmanager
+def layer_remat(policy=None):
+    """Within the block, every scanned decoder layer traced is wrapped in jax.checkpoint(policy=policy) (None:
+    save only the layer's input): the backward pass keeps one [B, T, H] carry per layer instead of each layer's
+    activations (the train step's `remat="layers"`)."""
+    token = _LAYER_REMAT.set(policy)
+    try:
+        yield
+    finally:
+        _LAYER_REMAT.reset(token)
 
 
 def _ranks(slots):
@@ -94,6 +113,9 @@ class TextModel(nnx.Module):
             h, _, r = layer(h, cos, sin, mask, None, None, moe_impl, attention_impl)
             return constrain(h, ("batch", "seq", None)), r
 
+        policy = _LAYER_REMAT.get()
+        if policy is not _UNSET:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         x, rs = jax.lax.scan(body, x, stacked)
         return x, [tuple(None if a is None else a[k] for a in rs) for k in range(end - first)]
 
