@@ -77,10 +77,12 @@ def test_auto_picks_selected_experts_for_decode_and_grouped_for_prefill():
     assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="cpu") == "gather"
     assert api.choose_impl(num_tokens=16, top_k=8, num_experts=128, backend="cpu") == "gather"
     assert api.choose_impl(num_tokens=17, top_k=8, num_experts=128, backend="cpu") == "bucketed"
-    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="gpu") == "gather"
-    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="tpu") == "sorted"
+    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="gpu") == "fused_decode"
+    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="cuda") == "triton_gmm"
+    assert api.choose_impl(num_tokens=1, top_k=8, num_experts=128, backend="tpu") == "megablox"
+    assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="tpu") == "megablox"
     assert api.choose_impl(num_tokens=512, top_k=8, num_experts=128, backend="cpu") == "bucketed"
-    with pytest.raises(ValueError, match="unknown expert_ffn impl"):
+    with pytest.raises(ValueError, match="unknown expert_ffn impl 'nope'; available: auto, bucketed"):
         api.expert_ffn(*map(jnp.asarray, _inputs()), impl="nope")
 
 

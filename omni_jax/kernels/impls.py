@@ -1,54 +1,52 @@
-"""Names of the kernel implementations a user can choose (`omni-jax generate --moe-impl/--attention-impl`,
-`config.loss.moe_impl/attention_impl` for `omni-jax train`), and the check that a choice exists and can run on
-the target platform.
+"""The kernel implementations a user can choose (`omni-jax generate --moe-impl/--attention-impl`, `omni-jax plan
+--compile`, `config.loss.moe_impl/attention_impl` for `omni-jax train`), checked before any work starts.
 
-This module imports no jax at import time (the CLI lists the names in --help); the check asks the kernel entry
-points (`kernels.moe.api.IMPLS`, `kernels.attention.api.IMPLS`) what this build really has.
-
-"auto" picks by the platform of the devices the step is compiled for (kernels/platform.py): the Pallas TPU
-kernels (megablox, splash) on TPU, the XLA paths elsewhere. The Pallas TPU kernels also run on CPU in interpret
-mode (slow; for tests and for checking a TPU run on a laptop), but not on GPU; see RUNS_ON.
+The names are listed here without importing jax (the CLI shows them in --help); tests/test_tpu_compile.py keeps
+them equal to the kernel entry points' own tables (`kernels.moe.api.IMPLS`, `kernels.attention.IMPLS`), which
+`check_impl` asks. "auto" picks by the platform of the devices the step is compiled for (kernels/platform.py):
+megablox / splash on TPU, the Triton kernels on GPU, the XLA paths on CPU. Pallas kernels also run on CPU in
+interpret mode (slow; for tests and for checking a TPU run on this machine), never on the other accelerator.
 """
 
 from __future__ import annotations
 
 from omni_jax.errors import OmniJaxError
 
-MOE_IMPLS = ("auto", "megablox", "sorted", "tiled", "bucketed", "slices", "gather", "dense")
-ATTENTION_IMPLS = ("auto", "xla", "live", "splash", "flash", "cudnn", "decode")
-# Where a kernel runs: Pallas TPU kernels on TPU, Pallas Triton kernels on GPU (both also on CPU in interpret
-# mode), cuDNN only on GPU. Names not listed run everywhere (XLA).
-RUNS_ON = {"megablox": ("tpu", "cpu"), "splash": ("tpu", "cpu"), "flash": ("gpu", "cpu"), "decode": ("gpu", "cpu"),
-           "cudnn": ("gpu",)}
+MOE_IMPLS = ("auto", "megablox", "triton_gmm", "fused_decode", "sorted", "tiled", "bucketed", "slices", "gather",
+             "dense")
+ATTENTION_IMPLS = ("auto", "splash", "flash", "decode", "cudnn", "xla", "live")
+# Attention kernels tied to an accelerator (kernels.attention checks names only): Pallas kernels also run on CPU
+# in interpret mode, cuDNN does not.
+ATTENTION_RUNS_ON = {"splash": ("tpu", "cpu"), "flash": ("gpu", "cpu"), "decode": ("gpu", "cpu"), "cudnn": ("gpu",)}
 
 
 class KernelChoiceError(OmniJaxError):
     """An unknown kernel implementation name, or one that cannot run on the target platform."""
 
 
-def _available(kind: str) -> tuple[str, ...]:
-    if kind == "moe":
-        from omni_jax.kernels.moe.api import IMPLS
-    else:
-        from omni_jax.kernels.attention.api import IMPLS
-    return tuple(dict.fromkeys(("auto", *IMPLS)))
-
-
 def check_impl(kind: str, name: str, platform: str | None = None, flag: str | None = None) -> str:
     """Return `name` if it is a `kind` ("moe" or "attention") implementation that runs on `platform` (default:
-    the active mesh's, else jax's default backend); else raise KernelChoiceError naming the choices. `flag`
-    names the option in the message (default --KIND-impl)."""
-    flag = flag or f"--{kind}-impl"
-    available = _available(kind)
-    if name not in available:
-        listed = MOE_IMPLS if kind == "moe" else ATTENTION_IMPLS
-        why = "is not available in this build" if name in listed else "is unknown"
-        raise KernelChoiceError(f"{flag} {name!r} {why}; choose one of: {', '.join(available)}")
-    if name in RUNS_ON:
-        from omni_jax.kernels.platform import platform_of
+    the active mesh's, else jax's default backend); else raise KernelChoiceError (one line, naming `flag`,
+    default --KIND-impl, and the choices)."""
+    from omni_jax.kernels.platform import normalise_platform, platform_of
 
-        target = platform or platform_of()
-        if target not in RUNS_ON[name]:
-            raise KernelChoiceError(f"{flag} {name!r} runs on {' or '.join(RUNS_ON[name])} (cpu: interpret mode), "
-                                    f"not on {target}; use 'auto' or an XLA implementation")
+    flag = flag or f"--{kind}-impl"
+    platform = normalise_platform(platform) if platform else platform_of()
+    try:
+        if kind == "moe":
+            from omni_jax.kernels.moe.api import check_impl as check_moe
+
+            check_moe(name, platform)
+        else:
+            from omni_jax.kernels.attention import IMPLS
+            from omni_jax.kernels.attention import check_impl as check_attention
+
+            check_attention(name)
+            runs_on = ATTENTION_RUNS_ON.get(name)
+            if runs_on is not None and platform not in runs_on:
+                raise KernelChoiceError(f"attention impl {name!r} runs on {' or '.join(runs_on)} (cpu: interpret "
+                                        f"mode), not on {platform}; available: "
+                                        + ", ".join(n for n in IMPLS if platform in ATTENTION_RUNS_ON.get(n, (platform,))))
+    except OmniJaxError as e:
+        raise KernelChoiceError(f"{flag}: {e}") from e
     return name

@@ -145,12 +145,13 @@ def _default_transport() -> str:
 
 def _local_ffn(x, e_local, valid, w_gate, w_up, w_down, impl):
     """Received rows x [R, H] with local expert ids [R] -> per-row expert output [R, H] (invalid rows: 0)."""
-    from omni_jax.kernels.moe.api import IMPLS, choose_impl
+    from omni_jax.kernels.moe.api import IMPLS, SKIPS_SENTINEL, choose_impl
 
     num_local = w_gate.shape[0]
     if impl == "auto":
         impl = choose_impl(x.shape[0], 1, num_local)
-    ids = jnp.where(valid, e_local, 0)[:, None]
+    # Empty rows: the sentinel id where the implementation skips it, else expert 0 with weight 0.
+    ids = jnp.where(valid, e_local, num_local if impl in SKIPS_SENTINEL else 0)[:, None]
     return IMPLS[impl](x, ids, valid.astype(x.dtype)[:, None], w_gate, w_up, w_down)
 
 
@@ -267,10 +268,16 @@ def expert_ffn_ep(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", 
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
     cap = capacity(((n + pad) // shards) * k, ep, capacity_factor)
     tok = P(lay.token_axes, None)
+    from omni_jax.kernels.moe.api import KERNEL_PLATFORM, choose_impl
+
+    if impl == "auto":  # the local grouped matmul over the receive buffer's ep * cap rows
+        impl = choose_impl(ep * cap, 1, num_experts // ep)
     body = jax.shard_map(
         lambda *a: _ep_body(*a, lay=lay, ep=ep, num_experts=num_experts, cap=cap, transport=transport, impl=impl),
         mesh=mesh, in_specs=(tok, tok, tok, lay.gate_spec, lay.gate_spec, lay.down_spec),
-        out_specs=(tok, {"tokens_per_expert": P(), "dropped": P()}))
+        out_specs=(tok, {"tokens_per_expert": P(), "dropped": P()}),
+        # Pallas kernels (megablox's own pallas_call) declare outputs without mesh-axis variance types.
+        check_vma=impl not in KERNEL_PLATFORM)
     with jax.named_scope("moe_expert_parallel"):
         y, stats = body(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)
     y = y[:n]

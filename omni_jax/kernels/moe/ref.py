@@ -24,6 +24,8 @@ each weight row contiguously, which is what makes decode fast on CPU; grouped ma
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -105,24 +107,45 @@ def tile_rows(num_copies: int, num_experts: int) -> int:
     return t
 
 
+class TileLayout(NamedTuple):
+    """Token copies sorted by expert into row tiles of `tile` rows, each tile owned by one expert (its group padded
+    to whole tiles). Copies with an id >= E (no expert) get no row."""
+
+    order: jax.Array  # [M] copies in expert order
+    row: jax.Array  # [M] padded row of each sorted copy (num_tiles * tile for a copy with no expert)
+    tile_expert: jax.Array  # [num_tiles] owner of each tile; E for tiles past the last group
+    expert_first_tile: jax.Array  # [E]
+    expert_tiles: jax.Array  # [E] tiles per expert (0 for an expert with no copy)
+    num_tiles: int  # static bound: every group padded to a whole number of tiles
+    tile: int
+
+
+def tile_layout(flat_idx, num_experts: int, tile: int) -> TileLayout:
+    """flat_idx int [M] (expert of each token copy, E for none) -> TileLayout."""
+    m, e, t = flat_idx.shape[0], num_experts, tile
+    num_tiles = -(-(m + e * (t - 1)) // t)
+    order = jnp.argsort(flat_idx, stable=True)
+    sorted_e = flat_idx[order]
+    sizes = jnp.bincount(flat_idx, length=e)  # ids >= E are not counted
+    tiles = (sizes + t - 1) // t
+    first_tile = jnp.cumsum(tiles) - tiles
+    first = jnp.cumsum(sizes) - sizes  # unpadded start of each expert in the sorted order
+    ec = jnp.minimum(sorted_e, e - 1)
+    row = jnp.where(sorted_e < e, first_tile[ec] * t + (jnp.arange(m) - first[ec]), num_tiles * t)
+    tile_e = jnp.searchsorted(jnp.cumsum(tiles), jnp.arange(num_tiles), side="right")
+    return TileLayout(order, row, tile_e.astype(jnp.int32), first_tile.astype(jnp.int32),
+                      tiles.astype(jnp.int32), num_tiles, t)
+
+
 def expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, tile: int | None = None, _per_copy: bool = False):
     n, k = idx.shape
     e = w_gate.shape[0]
     m = n * k
-    t = tile or tile_rows(m, e)
-    num_tiles = -(-(m + e * (t - 1)) // t)  # static bound: every group padded to a whole number of tiles
-    flat_idx = idx.reshape(-1)
-    order = jnp.argsort(flat_idx, stable=True)
-    sorted_e = flat_idx[order]
-    sizes = jnp.bincount(flat_idx, length=e)
-    padded = (sizes + t - 1) // t * t
-    starts = jnp.cumsum(padded) - padded  # padded start row of each expert
-    first = jnp.cumsum(sizes) - sizes  # unpadded start of each expert in the sorted order
-    row = starts[sorted_e] + (jnp.arange(m) - first[sorted_e])  # padded row of each sorted copy
+    lay = tile_layout(idx.reshape(-1), e, tile or tile_rows(m, e))
+    order, row, t, num_tiles = lay.order, lay.row, lay.tile, lay.num_tiles
     tokens = jnp.repeat(x, k, axis=0)[order]
-    buf = jnp.zeros((num_tiles * t, x.shape[1]), x.dtype).at[row].set(tokens)
-    ends = jnp.cumsum(padded)
-    tile_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * t, side="right"), e - 1)
+    buf = jnp.zeros((num_tiles * t, x.shape[1]), x.dtype).at[row].set(tokens, mode="drop")
+    tile_e = jnp.minimum(lay.tile_expert, e - 1)
     xt = buf.reshape(num_tiles, t, -1)
 
     def tile_ffn(args):
@@ -134,7 +157,7 @@ def expert_ffn_tiled(x, idx, weights, w_gate, w_up, w_down, tile: int | None = N
         return _nt(jax.nn.silu(g) * u, w_down[ex].astype(x.dtype))
 
     out = jax.lax.map(tile_ffn, (xt, tile_e))
-    out_sorted = out.reshape(num_tiles * t, -1)[row]
+    out_sorted = jnp.take(out.reshape(num_tiles * t, -1), row, axis=0, mode="fill", fill_value=0)
     per_copy = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
     if _per_copy:  # [N*K, H] unweighted, token-major (expert_ffn_bucketed's fallback)
         return per_copy
