@@ -44,9 +44,9 @@ def check_impl(kind: str, name: str, platform: str | None = None, flag: str | No
             check_attention(name)
             runs_on = ATTENTION_RUNS_ON.get(name)
             if runs_on is not None and platform not in runs_on:
+                ok = [n for n in IMPLS if platform in ATTENTION_RUNS_ON.get(n, (platform,))]
                 raise KernelChoiceError(f"attention impl {name!r} runs on {' or '.join(runs_on)} (cpu: interpret "
-                                        f"mode), not on {platform}; available: "
-                                        + ", ".join(n for n in IMPLS if platform in ATTENTION_RUNS_ON.get(n, (platform,))))
+                                        f"mode), not on {platform}; available: {', '.join(ok)}")
     except OmniJaxError as e:
         raise KernelChoiceError(f"{flag}: {e}") from e
     return name
