@@ -11,6 +11,7 @@ past a row's live length get an id no query has). The q offset must be static (a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -31,7 +32,7 @@ def _block(n: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _kernel(causal: bool, window: int | None, offset: int, heads: int, t_pad: int, s_pad: int, bq: int, bkv: int,
-            interpret: bool):
+            interpret: bool, eager: bool = True):
     shape = (t_pad, s_pad)
     if window is not None:
         one = sa.LocalMask(shape, window_size=(window - 1, 0), offset=offset)
@@ -41,7 +42,9 @@ def _kernel(causal: bool, window: int | None, offset: int, heads: int, t_pad: in
         one = sa.FullMask(shape)
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    with jax.ensure_compile_time_eval():  # the block tables are constants, reusable across traces
+    # The block tables are constants, reusable across traces (eager). Compiling for devices this host cannot run
+    # (a TPU topology from a CPU host) they cannot be computed eagerly: then they are built in the trace.
+    with jax.ensure_compile_time_eval() if eager else contextlib.nullcontext():
         return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
                                   q_seq_shards=1, interpret=interpret)
 
@@ -54,7 +57,11 @@ def splash_attention(q, k, v, mask: AttentionMask, scale: float, *, interpret: b
     s = k.shape[1]
     bq, bkv = _block(t), _block(s)
     t_pad, s_pad = -(-t // bq) * bq, -(-s // bkv) * bkv
-    kernel = _kernel(mask.causal, mask.window, int(mask.q_offset), h, t_pad, s_pad, bq, bkv, bool(interpret))
+    args = (mask.causal, mask.window, int(mask.q_offset), h, t_pad, s_pad, bq, bkv, bool(interpret))
+    target = jax.sharding.get_abstract_mesh()
+    dev = None if target.empty else getattr(target, "abstract_device", None)
+    ahead_of_time = dev is not None and dev.platform != jax.default_backend()
+    kernel = _kernel.__wrapped__(*args, eager=False) if ahead_of_time else _kernel(*args)
 
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
     qh = jnp.pad(qs.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
