@@ -45,8 +45,9 @@ def check_impl(kind: str, name: str, platform: str | None = None, flag: str | No
             runs_on = ATTENTION_RUNS_ON.get(name)
             if runs_on is not None and platform not in runs_on:
                 ok = [n for n in IMPLS if platform in ATTENTION_RUNS_ON.get(n, (platform,))]
-                raise KernelChoiceError(f"attention impl {name!r} runs on {' or '.join(runs_on)} (cpu: interpret "
-                                        f"mode), not on {platform}; available: {', '.join(ok)}")
+                where = " or ".join(p + (" (interpret mode)" if p == "cpu" else "") for p in runs_on)
+                raise KernelChoiceError(f"attention impl {name!r} runs on {where}, not on {platform}; available: "
+                                        f"{', '.join(ok)}")
     except OmniJaxError as e:
         raise KernelChoiceError(f"{flag}: {e}") from e
     return name
