@@ -33,11 +33,11 @@ def _add_generate(sub):
     from omni_jax.kernels.impls import ATTENTION_IMPLS, MOE_IMPLS
 
     p.add_argument("--moe-impl", default="auto", metavar="NAME",
-                   help=f"MoE expert-FFN kernel: {', '.join(MOE_IMPLS)} (auto: megablox on TPU, XLA paths elsewhere; "
-                        "megablox runs on CPU in interpret mode)")
+                   help=f"MoE expert-FFN kernel: {', '.join(MOE_IMPLS)} (auto: megablox on TPU, Triton kernels on GPU, "
+                        "XLA paths on CPU; Pallas kernels also run on CPU in interpret mode)")
     p.add_argument("--attention-impl", default="auto", metavar="NAME",
-                   help=f"attention kernel: {', '.join(ATTENTION_IMPLS)} (auto: splash on TPU, xla elsewhere; splash "
-                        "runs on CPU in interpret mode)")
+                   help=f"attention kernel: {', '.join(ATTENTION_IMPLS)} (auto: splash on TPU, flash on GPU, xla on "
+                        "CPU; Pallas kernels also run on CPU in interpret mode)")
     p.add_argument("--use-audio-in-video", action="store_true",
                    help="also feed each video's audio track, interleaved with its frames by time (videos must be "
                         "containers with an audio stream)")
