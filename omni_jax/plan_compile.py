@@ -222,7 +222,8 @@ def _lower_serving(model, mesh, rules, mode, *, batch, seq_len, moe_impl, attent
                       ("batch", "seq", "kv_heads", "head_dim"))
             cache = [(kv, kv) for _ in range(t.num_hidden_layers)]
             tokens = spec((batch,), jnp.int32, ("batch",))
-            rng = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32, sharding=rep)
+            key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # nothing runs on the topology
+            rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
             lowered = gen._decode.lower(state, cache, tokens, tokens, spec((batch,), jnp.float32, ("batch",)), rng,
                                         None, params=SamplingParams(greedy=True))
     return lowered, nnx.state(model, nnx.Param)
