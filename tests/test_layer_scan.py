@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from omni_jax.config import preset
-from omni_jax.models.thinker import Thinker
+from omni_jax.models.thinker import Thinker, layer_remat
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,14 @@ def test_scanned_layers_match_unrolled(setup, with_deepstack, collect, grads):
         np.testing.assert_allclose(np.asarray(z1), np.asarray(z0), rtol=1e-5, atol=1e-6)
     if not grads:
         return
-    flat0, flat1 = jax.tree.leaves(nnx.state(g0)), jax.tree.leaves(nnx.state(g1))
-    assert len(flat0) == len(flat1) > 0
-    for a, b in zip(flat1, flat0):  # fp32 sums over tokens in another order: within 1e-4 of each tensor's scale
-        scale = max(float(np.abs(np.asarray(b)).max()), 1e-6)
-        assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-4 * scale
+    with layer_remat(None):  # the train step's remat="layers": each scanned layer under jax.checkpoint
+        _, _, g2, _ = _run(model, 2, embeds, pos, mask, ds, collect, grads)
+    flat0 = jax.tree.leaves(nnx.state(g0))
+    # fp32 sums over tokens in another order: within 1e-4 of each tensor's scale (scan), 5e-4 with the layers
+    # recomputed in the backward pass (measured: 1.1e-4 on an expert weight gradient)
+    for g, tol in ((g1, 1e-4), (g2, 5e-4)):
+        flat = jax.tree.leaves(nnx.state(g))
+        assert len(flat) == len(flat0) > 0
+        for a, b in zip(flat, flat0):
+            scale = max(float(np.abs(np.asarray(b)).max()), 1e-6)
+            assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= tol * scale
