@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = dict(learning_rate=3e-3, warmup_steps=50, total_steps=1200, end_lr_fraction=0.05, weight_decay=0.0,
                    b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0, grad_accum=1)
     c.loss = dict(aux_loss_coef=0.001, router_z_loss_coef=0.0, compute_dtype="float32", remat="none",
-                  moe_impl="auto")
+                  moe_impl="auto", attention_impl="auto")
     # Device mesh: "" trains on one device; e.g. "data=2,expert=4" or "fsdp=-1" (omni_jax.sharding), with a
     # rules preset (default, fsdp, fsdp_ep, ep_tp). `omni-jax train --mesh SPEC --rules NAME` overrides both.
     c.mesh = dict(spec="", rules="default")

@@ -32,6 +32,14 @@ def _add_generate(sub):
     p.add_argument("--talker-max-new-tokens", type=int, default=4096,
                    help="for --speak: at most this many codec tokens are sampled; without codec EOS N tokens give "
                         "N-1 frames of 80 ms (as transformers' talker_max_new_tokens)")
+    from omni_jax.kernels.impls import ATTENTION_IMPLS, MOE_IMPLS
+
+    p.add_argument("--moe-impl", default="auto", metavar="NAME",
+                   help=f"MoE expert-FFN kernel: {', '.join(MOE_IMPLS)} (auto: megablox on TPU, Triton kernels on GPU, "
+                        "XLA paths on CPU; Pallas kernels also run on CPU in interpret mode)")
+    p.add_argument("--attention-impl", default="auto", metavar="NAME",
+                   help=f"attention kernel: {', '.join(ATTENTION_IMPLS)} (auto: splash on TPU, flash on GPU, xla on "
+                        "CPU; Pallas kernels also run on CPU in interpret mode)")
     p.add_argument("--use-audio-in-video", action="store_true",
                    help="also feed each video's audio track, interleaved with its frames by time (videos must be "
                         "containers with an audio stream)")
@@ -61,10 +69,26 @@ def _add_plan(sub):
     p.add_argument("--parts", default=None, help="comma-separated parts (thinker,talker,code2wav); default: all "
                                                   "the config has")
     p.add_argument("--optimizer", choices=["adamw"], default=None, help="add training optimizer state")
-    p.add_argument("--batch", type=int, default=0, help="with --seq-len: add the thinker KV cache")
-    p.add_argument("--seq-len", type=int, default=0)
+    p.add_argument("--batch", type=int, default=0, help="with --seq-len: add the thinker KV cache (with --compile: "
+                                                         "the step's batch, default 8)")
+    p.add_argument("--seq-len", type=int, default=0, help="with --compile: tokens per row / cache length (default "
+                                                           "2048)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     distributed.add_args(p)
+    from omni_jax.kernels.impls import ATTENTION_IMPLS, MOE_IMPLS
+
+    tpu = p.add_argument_group("compiling for a TPU slice from this machine (needs libtpu: pip install -e "
+                               "'.[tpu]'; see docs/TPU.md)")
+    tpu.add_argument("--compile", choices=["train", "prefill", "decode"], default=None,
+                     help="compile the real step with abstract parameters for --topology and report one chip's "
+                          "memory, FLOPs, Mosaic kernel calls and compile time")
+    tpu.add_argument("--topology", default=None, help="TPU slice, e.g. v5e:2x2, v5p:4x4x4, v6e:16x16")
+    tpu.add_argument("--dump-hlo", metavar="DIR", default=None, help="write the optimised HLO text here")
+    tpu.add_argument("--layers", type=int, default=None, help="override the decoder depth (reduced-depth estimate)")
+    tpu.add_argument("--freeze", default="", help="train: freeze preset or regexes (omni_jax/train/step.py)")
+    tpu.add_argument("--remat", default="full", help="train: rematerialisation (none, full, dots, dots_no_batch)")
+    tpu.add_argument("--moe-impl", default="auto", metavar="NAME", help=f"one of {', '.join(MOE_IMPLS)}")
+    tpu.add_argument("--attention-impl", default="auto", metavar="NAME", help=f"one of {', '.join(ATTENTION_IMPLS)}")
 
 
 def _add_convert(sub):
@@ -105,16 +129,20 @@ def _join_job(a) -> None:
 
 def cmd_generate(a) -> int:
     from omni_jax.inference import OmniSession
+    from omni_jax.kernels.impls import check_impl
     from omni_jax.processing.chat import load_messages
 
     _join_job(a)
     messages = load_messages(a.messages)  # validate the request before loading weights
+    check_impl("moe", a.moe_impl)
+    check_impl("attention", a.attention_impl)
     if a.speak is not None and getattr(a, "use_audio_in_video", False):
         from omni_jax.speech import SpeechError
 
         raise SpeechError("--speak with --use-audio-in-video is not supported (the reference's talker does not "
                           "receive use_audio_in_video either)")
-    session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None, mesh=a.mesh, rules=a.rules)
+    session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None, mesh=a.mesh, rules=a.rules,
+                          moe_impl=a.moe_impl, attention_impl=a.attention_impl)
     sampling = session.sampling(greedy=True if a.greedy else None, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed)
     if a.speak is not None:
@@ -187,10 +215,24 @@ def cmd_plan(a) -> int:
 
     _join_job(a)
     cfg = preset(a.preset) if a.preset else load_config(a.model)
+    if a.compile or a.topology:
+        return _plan_compile(a, cfg, planning)
     parts = tuple(x.strip() for x in a.parts.split(",")) if a.parts else None
     p = planning.plan(cfg, planning.mesh_sizes(a.mesh, a.devices), rules=a.rules, dtype=a.dtype, parts=parts,
                       optimizer=a.optimizer, batch=a.batch, seq_len=a.seq_len)
     print(json.dumps(p.to_json()) if a.json else planning.format_plan(p))
+    return 0
+
+
+def _plan_compile(a, cfg, planning) -> int:
+    from omni_jax.plan_compile import compile_step, format_report
+
+    if not (a.compile and a.topology):
+        raise planning.PlanError("--compile and --topology go together (e.g. --topology v5p:4x4x4 --compile train)")
+    r = compile_step(cfg, a.topology, a.mesh, a.compile, rules=a.rules, batch=a.batch or 8,
+                     seq_len=a.seq_len or 2048, dtype=a.dtype, remat=a.remat, moe_impl=a.moe_impl,
+                     attention_impl=a.attention_impl, layers=a.layers, freeze=a.freeze, dump_hlo=a.dump_hlo)
+    print(json.dumps(r.to_json()) if a.json else format_report(r))
     return 0
 
 

@@ -88,10 +88,11 @@ class OmniSession:
     """speech=True loads the talker and code2wav as well (only then can `speak` / `stream_speech` run).
     mesh: a mesh spec string ("data=2,expert=4", see omni_jax.sharding.make_mesh) or a Mesh: every loaded part
     (thinker, and with speech the talker and code2wav) is loaded at its shardings (`rules`: a preset name of
-    omni_jax.sharding.RULE_PRESETS) and runs on that mesh."""
+    omni_jax.sharding.RULE_PRESETS) and runs on that mesh. moe_impl / attention_impl: kernel implementations
+    (omni_jax.kernels.impls; "auto" picks by the devices' platform)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", parts=("thinker",), speech: bool = False,
-                 mesh=None, rules: str = "default"):
+                 mesh=None, rules: str = "default", moe_impl: str = "auto", attention_impl: str = "auto"):
         self.model_dir = model_dir
         if mesh is not None:
             from omni_jax import sharding
@@ -104,9 +105,10 @@ class OmniSession:
         self.model, self.cfg = load_model(model_dir, dtype=dtype, parts=parts, mesh=mesh, rules=rules)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.defaults = GenerationDefaults.from_dir(model_dir)
-        self.generator = ThinkerGenerator(self.model.thinker, mesh=mesh, rules=rules)
+        self.generator = ThinkerGenerator(self.model.thinker, mesh=mesh, rules=rules, moe_impl=moe_impl,
+                                          attention_impl=attention_impl)
         self.speech = (SpeechGenerator(self.cfg, self.model.thinker, self.model.talker, self.model.code2wav,
-                                       mesh=mesh, rules=rules) if speech else None)
+                                       mesh=mesh, rules=rules, moe_impl=moe_impl) if speech else None)
 
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.cfg.im_end_token_id, *self.defaults.eos_token_ids)))

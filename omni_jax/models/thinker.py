@@ -6,6 +6,9 @@ so the key table in omni_jax/checkpoint/hf.py stays a short list of transforms.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +21,22 @@ from omni_jax.layers.rope import cos_sin, rope_angles
 from omni_jax.models.audio_encoder import AudioEncoder, packed_row_index
 from omni_jax.models.vision_encoder import VisionEncoder
 from omni_jax.sharding import constrain
+
+# jax.checkpoint policy for each scanned layer (training; see `layer_remat`): unset = no per-layer remat.
+_UNSET = object()
+_LAYER_REMAT: contextvars.ContextVar = contextvars.ContextVar("omni_jax_layer_remat", default=_UNSET)
+
+
+@contextlib.contextmanager
+def layer_remat(policy=None):
+    """Within the block, every scanned decoder layer traced is wrapped in jax.checkpoint(policy=policy) (None:
+    save only the layer's input): the backward pass keeps one [B, T, H] carry per layer instead of each layer's
+    activations (the train step's `remat="layers"`)."""
+    token = _LAYER_REMAT.set(policy)
+    try:
+        yield
+    finally:
+        _LAYER_REMAT.reset(token)
 
 
 def _ranks(slots):
@@ -59,6 +78,46 @@ class TextModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        # Without a KV cache, runs of at least this many identical layers run as one lax.scan (compile time of the
+        # 48-layer thinker); shorter models stay unrolled (bf16 rounding then matches the reference's op order).
+        self.scan_min_layers = 8
+
+    def _scan_runs(self, cache, deepstack, collect_hidden) -> dict[int, int]:
+        """{first: end} of the layer runs [first, end) to scan: without a KV cache, the layers after the last
+        one that receives DeepStack features or whose output is collected, grouped into runs of at least
+        `scan_min_layers` layers of the same kind (MoE or dense). The rest run unrolled."""
+        n = len(self.layers)
+        if cache is not None:
+            return {}
+        start = max([len(deepstack) if deepstack is not None else 0] + [j for j in collect_hidden if 0 < j < n])
+        runs, i = {}, start
+        while i < n:
+            j = i + 1
+            while j < n and self.layers[j].is_moe == self.layers[i].is_moe:
+                j += 1
+            if j - i >= max(2, self.scan_min_layers):
+                runs[i] = j
+            i = j
+        return runs
+
+    def _scan(self, first: int, end: int, x, cos, sin, mask, moe_impl, attention_impl):
+        """Layers [first, end) as one lax.scan over a stacked view of their parameters (built at trace time: the
+        checkpoint layout and the sharding rules stay per layer). The compiled module holds one layer body instead
+        of end - first copies. Returns (x, per-layer router stats (probs, top_i, logits))."""
+        graphdef, state = nnx.split(self.layers[first])
+        states = [state] + [nnx.split(self.layers[j])[1] for j in range(first + 1, end)]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+        def body(h, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            h, _, r = layer(h, cos, sin, mask, None, None, moe_impl, attention_impl)
+            return constrain(h, ("batch", "seq", None)), r
+
+        policy = _LAYER_REMAT.get()
+        if policy is not _UNSET:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, rs = jax.lax.scan(body, x, stacked)
+        return x, [tuple(None if a is None else a[k] for a in rs) for k in range(end - first)]
 
     def __call__(self, embeds, positions, mask, cache=None, cache_start=None, deepstack=None,
                  collect_hidden: tuple[int, ...] = (), moe_impl: str = "auto", attention_impl: str = "auto"):
@@ -72,6 +131,7 @@ class TextModel(nnx.Module):
         Returns (final-normed hidden [B, T, H], new cache, stats): stats["hidden"] {i: ...}, stats["router"]
         [(probs, idx), ...] and stats["router_logits"] [raw router logits [B*T, E], ...] per layer ((None, None)
         and None for dense layers). The logits are a separate list so that (probs, idx) unpacking keeps working.
+        moe_impl / attention_impl: kernels.moe / kernels.attention implementations ("auto": by target platform).
         """
         cfg = self.cfg
         with jax.named_scope("rope"):
@@ -81,18 +141,31 @@ class TextModel(nnx.Module):
         if 0 in collect_hidden:
             hidden[0] = x
         new_cache, router, router_logits = [], [], []
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layer_{i}"):
-                x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl,
-                                attention_impl)
-                x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
-            new_cache.append(c)
-            router.append(r[:2])
-            router_logits.append(r[2])
-            if i + 1 in collect_hidden and i + 1 < len(self.layers):
-                hidden[i + 1] = x
-            if deepstack is not None and i < len(deepstack):
-                x = x + deepstack[i].astype(x.dtype)
+        scanned = self._scan_runs(cache, deepstack, collect_hidden)
+        i, n = 0, len(self.layers)
+        while i < n:
+            if i in scanned:  # a run of identical layers: one lax.scan over their stacked parameters
+                end = scanned[i]
+                with jax.named_scope(f"layers_{i}_{end - 1}"):
+                    x, per_layer = self._scan(i, end, x, cos, sin, mask, moe_impl, attention_impl)
+                router.extend(r[:2] for r in per_layer)
+                router_logits.extend(r[2] for r in per_layer)
+                new_cache.extend([None] * (end - i))
+                i = end
+            else:
+                layer = self.layers[i]
+                with jax.named_scope(f"layer_{i}"):
+                    x, c, r = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start, moe_impl,
+                                    attention_impl)
+                    x = constrain(x, ("batch", "seq", None))  # block boundary (no-op without an active mesh)
+                new_cache.append(c)
+                router.append(r[:2])
+                router_logits.append(r[2])
+                i += 1
+            if i in collect_hidden and i < n:  # hidden[n] is the normed output (below)
+                hidden[i] = x
+            if deepstack is not None and i - 1 < len(deepstack):
+                x = x + deepstack[i - 1].astype(x.dtype)
         x = self.norm(x)
         if len(self.layers) in collect_hidden:
             hidden[len(self.layers)] = x

@@ -54,6 +54,7 @@ from omni_jax import paths
 from omni_jax import sharding as S
 from omni_jax.config import ConfigError, OmniConfig
 from omni_jax.errors import OmniJaxError
+from omni_jax.kernels.impls import check_impl
 from omni_jax.train import data as D
 from omni_jax.train import step as TS
 
@@ -380,6 +381,8 @@ class Trainer:
         self.data_cfg = _section(cfg, "data", D.DataConfig, ignore=("train_file", "eval_file"))
         self.optim_cfg = _section(cfg, "optim", TS.OptimConfig)
         self.loss_cfg = _section(cfg, "loss", TS.LossConfig)
+        check_impl("moe", self.loss_cfg.moe_impl, flag="config.loss.moe_impl")
+        check_impl("attention", self.loss_cfg.attention_impl, flag="config.loss.attention_impl")
         self.tc = cfg.train
         self.talker = talker_task(cfg)  # train.task="talker": omni_jax.train.talker hooks (None: thinker)
         spec, rules = mesh_config(cfg)

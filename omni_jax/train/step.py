@@ -27,6 +27,7 @@ from flax import nnx
 from omni_jax import sharding
 from omni_jax.errors import OmniJaxError
 from omni_jax.kernels.attention import AttentionMask
+from omni_jax.models.thinker import layer_remat
 
 # Freeze presets for the paper's training stages (regexes over dotted parameter paths of an OmniModel, e.g.
 # "thinker.model.layers.0.mlp.gate.kernel"). A parameter is frozen when any pattern matches it (re.search).
@@ -204,11 +205,14 @@ class LossConfig:
     aux_loss_coef: float | None = None  # None: the text config's router_aux_loss_coef
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0: reported as a metric, not trained on)
     compute_dtype: str = "float32"  # "bfloat16": parameters are cast for the forward (fp32 master weights)
-    remat: str = "none"  # "none" | "full" | "dots" (jax.checkpoint of the forward with that policy)
+    # "none" | "full" | "dots" | "dots_no_batch": jax.checkpoint of the whole forward with that policy;
+    # "layers" | "layers_dots": jax.checkpoint of each scanned decoder layer (models/thinker.py layer_remat)
+    remat: str = "none"
     moe_impl: str = "auto"
     attention_impl: str = "auto"  # kernels.attention implementation
 
 
+LAYER_REMAT_POLICIES = {"layers": None, "layers_dots": jax.checkpoint_policies.checkpoint_dots}
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
                   "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
@@ -255,6 +259,12 @@ def make_steps(graphdef, tx: optax.GradientTransformation, c: LossConfig, *, ima
     compute = jnp.dtype(c.compute_dtype)
 
     def loss_fn(params, frozen, batch):
+        if c.remat in LAYER_REMAT_POLICIES:
+            with layer_remat(LAYER_REMAT_POLICIES[c.remat]):
+                return forward(params, frozen, batch)
+        return forward(params, frozen, batch)
+
+    def forward(params, frozen, batch):
         if compute != jnp.float32:  # bf16 compute, fp32 master weights (the optimizer updates `params`)
             params, frozen = _cast_floats(params, compute), _cast_floats(frozen, compute)
         model = nnx.merge(graphdef, params, frozen)
@@ -262,9 +272,10 @@ def make_steps(graphdef, tx: optax.GradientTransformation, c: LossConfig, *, ima
             return loss(model, batch)
         return thinker_loss(model, batch, c, image_grid=image_grid)
 
-    if c.remat != "none":
+    if c.remat != "none" and c.remat not in LAYER_REMAT_POLICIES:
         if c.remat not in REMAT_POLICIES:
-            raise TrainConfigError(f"unknown remat policy {c.remat!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+            raise TrainConfigError(f"unknown remat policy {c.remat!r}; choose none or one of "
+                                   f"{sorted(REMAT_POLICIES) + sorted(LAYER_REMAT_POLICIES)}")
         loss_fn = jax.checkpoint(loss_fn, policy=REMAT_POLICIES[c.remat])
 
     def train_step(params, frozen, opt_state, batch):
