@@ -47,6 +47,7 @@ class Request:
     talker_max_new_tokens: int = 4096
     talker_sampling: object | None = None
     request_id: str = ""
+    return_hidden: bool = False  # Finished.hidden gets the prompt's thinker hidden states (speech engines only)
 
 
 @dataclasses.dataclass
@@ -82,6 +83,7 @@ class Finished:
     codes: np.ndarray | None = None  # speech: int32 [G, T] codec frames
     codec_tokens: list[int] = dataclasses.field(default_factory=list)  # speech: every sampled codebook-0 id
     codec_finished: bool = False  # speech: the talker sampled codec EOS
+    hidden: dict | None = None  # return_hidden: {0: input embeddings, accept_hidden_layer: ...} float [L, H]
 
 
 Event = TextDelta | AudioChunk | Finished
