@@ -47,6 +47,7 @@ class Request:
     talker_max_new_tokens: int = 4096
     talker_sampling: object | None = None
     request_id: str = ""
+    stream_audio: bool = True  # send AudioChunks (False: only Finished.codes, e.g. for an offline waveform)
     return_hidden: bool = False  # Finished.hidden gets the prompt's thinker hidden states (speech engines only)
 
 
@@ -78,6 +79,7 @@ class Finished:
     num_codec_frames: int = 0
     audio_seconds: float = 0.0
     error: str | None = None
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the prompt (media placeholders expanded)
     token_ids: list[int] = dataclasses.field(default_factory=list)  # every generated id, a final stop id included
     text: str = ""  # the whole reply text (what the TextDeltas added up to)
     codes: np.ndarray | None = None  # speech: int32 [G, T] codec frames

@@ -182,7 +182,8 @@ class Engine:
         n, max_new = len(prompt.input_ids), self._max_new(request)
         if n + max_new > self.max_context:
             raise RequestError(f"prompt (after media placeholders) of {n} tokens + max_new_tokens {max_new} = "
-                               f"{n + max_new} exceeds the context of {self.max_context} tokens", param="messages")
+                               f"{n + max_new} exceeds the model's context of {self.max_context} tokens",
+                               param="messages")
         return prompt
 
     def submit(self, request: Request, prompt: ThinkerPrompt | None = None) -> RequestHandle:
@@ -200,7 +201,7 @@ class Engine:
         return handle
 
     def submit_talker(self, tp, *, sampling: SamplingParams | None = None, max_new_tokens: int = 4096,
-                      stream_audio: bool = True) -> RequestHandle:
+                      stream_audio: bool = True, wave=None) -> RequestHandle:
         """Run only the speech stage on a talker prompt built in advance (omni_jax.speech.TalkerPrompt with
         `trailing_ids`, e.g. from SpeechGenerator.talker_prompts for the reference's batched semantics). Events:
         AudioChunks (when stream_audio) and Finished with the codes."""
@@ -215,7 +216,7 @@ class Engine:
         handle = RequestHandle(Request([], speech=True, talker_max_new_tokens=max_new_tokens))
         job = _Job(handle, ThinkerPrompt([], np.zeros((3, 0), np.float32), 0.0), 0, SamplingParams(),
                    state="talking", finish_reason="stop", t_submit=time.monotonic())
-        self.speech.submit_prompt(job, tp, sampling or talker_sampling_default(), max_new_tokens, stream_audio)
+        self.speech.submit_prompt(job, tp, sampling or talker_sampling_default(), max_new_tokens, stream_audio, wave)
         with self._lock:
             self._jobs.append(job)
             self._lock.notify_all()
@@ -428,7 +429,8 @@ class Engine:
         hidden = job.prompt_hidden if job.request.return_hidden and reason in ("stop", "length") else None
         job.handle.put(Finished(reason, prompt_tokens=len(job.prompt.input_ids), completion_tokens=completion,
                                 prompt_tokens_details=prompt_token_details(job.prompt, self.cfg), error=error,
-                                token_ids=list(job.tokens), text=job.text, hidden=hidden, **extra))
+                                prompt_ids=list(job.prompt.input_ids), token_ids=list(job.tokens), text=job.text,
+                                hidden=hidden, **extra))
 
     def _max_new(self, request: Request) -> int:
         return request.max_new_tokens or self.defaults.max_new_tokens

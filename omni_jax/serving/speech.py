@@ -313,7 +313,8 @@ class SpeechStage:
         if job.talk is None:
             r = job.request
             ids = np.asarray(job.prompt.input_ids, np.int64)
-            job.talk = TalkJob(r.talker_sampling or talker_sampling(), r.talker_max_new_tokens, self._wave(),
+            job.talk = TalkJob(r.talker_sampling or talker_sampling(), r.talker_max_new_tokens,
+                               self._wave() if r.stream_audio else None,
                                prompt_ids=ids, a_start=assistant_start(ids, self.cfg))
 
     def on_thinker_done(self, job):
@@ -322,10 +323,89 @@ class SpeechStage:
         if job.talk.state == "done":  # the talker ended first (codec EOS or its budget)
             self.engine._finish(job, job.finish_reason)
 
-    def submit_prompt(self, job, tp, sampling: SamplingParams, budget: int, stream_audio: bool = True):
+    def submit_prompt(self, job, tp, sampling: SamplingParams, budget: int, stream_audio: bool = True, wave=None):
         """A talker prompt built in advance (complete trailing ids): e.g. OmniSession.speak_batch's rows."""
-        job.talk = TalkJob(sampling, budget, self._wave() if stream_audio else None, tp=tp,
+        job.talk = TalkJob(sampling, budget, (wave or self._wave()) if stream_audio else None, tp=tp,
                            trailing=[int(t) for t in tp.trailing_ids])
+
+    # -- what omni_jax.speech.SpeechGenerator offered, on the engine ----------------------------------------------
+    def __getattr__(self, name):
+        """Talker-prompt building and Code2Wav (talker_prompt(s), waveform(s), decode, total_upsample, ...) are
+        SpeechGenerator's."""
+        if name in ("sg", "engine", "talker"):
+            raise AttributeError(name)
+        return getattr(self.sg, name)
+
+    @property
+    def state(self):
+        """The talker's parameters as the engine runs them (assignable, e.g. to edit weights in a test)."""
+        return self.talker.state
+
+    @state.setter
+    def state(self, value):
+        self.talker.state = value
+
+    def _talk(self, tps, max_new_tokens, sampling, stream_audio=False, wave=None):
+        if max_new_tokens < 2:
+            raise SpeechError(f"talker max_new_tokens must be >= 2 (N sampled codes give at most N-1 frames), got "
+                              f"{max_new_tokens}")
+        if not tps or any(tp is None for tp in tps):
+            raise SpeechError("the talker needs at least one talker prompt")
+        return [self.engine.submit_talker(tp, sampling=sampling or talker_sampling(), max_new_tokens=max_new_tokens,
+                                          stream_audio=stream_audio, wave=wave) for tp in tps]
+
+    def generate_codes_batch(self, tps, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None):
+        """Codec frames of talker prompts built in advance, decoded together in the talker slots: one
+        omni_jax.speech.SpeechResult per prompt. Every row uses `sampling` with its own PRNG stream."""
+        from omni_jax.speech import SpeechResult
+
+        handles = self._talk(tps, max_new_tokens, sampling)
+        fins = [ev[-1] for ev in self.engine.drive(handles)]
+        for f in fins:
+            if f.finish_reason == "error":
+                raise SpeechError(f.error)
+        return [SpeechResult(f.codes, list(f.codec_tokens), bool(f.codec_finished)) for f in fins]
+
+    def generate_codes(self, tp, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None):
+        return self.generate_codes_batch([tp], max_new_tokens=max_new_tokens, sampling=sampling)[0]
+
+    def stream(self, tp, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
+               group_frames: int | None = None, left_context: int | None = None, state: dict | None = None):
+        """AudioChunks of one talker prompt built in advance, as the engine streams them (`WaveStream` with the
+        given window, default the engine's). `state` receives "codec_tokens" and "finished"."""
+        wave = WaveStream(self._decode_window, self.sg.total_upsample, self.sg.tail_loss,
+                          group_frames or self.group_frames, left_context or self.left_context)
+        handle = self._talk([tp], max_new_tokens, sampling, stream_audio=True, wave=wave)[0]
+        from omni_jax.inference import _drain
+
+        state = {} if state is None else state
+        while True:
+            if self.engine._thread is None and not handle.done:
+                self.engine.step()
+            for ev in _drain(handle):
+                if isinstance(ev, AudioChunk):
+                    yield ev
+                elif ev.finish_reason == "error":
+                    raise SpeechError(ev.error)
+                else:
+                    state.update(codec_tokens=list(ev.codec_tokens), finished=bool(ev.codec_finished))
+                    return
+            if self.engine._thread is not None:
+                handle._done.wait(0.01)
+
+    def prefill_logits(self, tp) -> np.ndarray:
+        """Talker prefill logits at the last prompt row, fp32 [V] (for tests; uses a free talker slot)."""
+        if not self.free:
+            raise SpeechError("no free talker slot")
+        slot = self.free[0]
+        n = tp.embeds.shape[0]
+        for start, valid, size in split_chunks(n, self.talker.prefill_chunk):
+            emb = np.zeros((size, tp.embeds.shape[1]), np.float32)
+            emb[:valid] = tp.embeds[start:start + valid]
+            pos = np.zeros((3, size), np.float32)
+            pos[:, :valid] = tp.positions[:, start:start + valid]
+            logits, _ = self.talker.prefill(slot, start, emb, pos, valid - 1)
+        return np.asarray(logits, np.float32)
 
     def _entry(self, job, j: int):
         """Trailing entry j of a streaming request (a thinker id), or None while unknown."""
