@@ -252,12 +252,11 @@ def test_streaming(session, hf, text_run):
     t = codes.shape[1]
 
     def run(group, ctx):
-        produced, at_yield = [0], []
-        chunks = []
+        at_yield, chunks = [], []
         for c in sg.stream(tp, max_new_tokens=TALKER_TOKENS, sampling=talker_sampling(greedy=True),
-                           group_frames=group, left_context=ctx, on_frame=lambda n: produced.__setitem__(0, n)):
-            at_yield.append(produced[0])
-            chunks.append(c)
+                           group_frames=group, left_context=ctx):
+            at_yield.append(c.num_codec_frames)  # frames produced when the chunk was made
+            chunks.append(c.samples)
         return chunks, at_yield
 
     # Full left context: identical (up to fp32 noise) to the offline decode HF returns.
@@ -286,9 +285,10 @@ def test_session_stream_speech(session):
     state = {}
     chunks = list(session.stream_speech(chat.parse_messages(TEXT), max_new_tokens=THINKER_TOKENS,
                                         sampling=session.sampling(greedy=True), talker_max_new_tokens=6,
-                                        talker=talker_sampling(greedy=True), group_frames=2, state=state))
+                                        talker=talker_sampling(greedy=True), state=state))
     up = session.speech.total_upsample
-    assert [len(c) for c in chunks] == [2 * up - session.speech.tail_loss, 2 * up, up]  # 5 frames in groups of 2
+    assert session.speech.group_frames == 4
+    assert [len(c) for c in chunks] == [4 * up - session.speech.tail_loss, up]  # 5 frames in groups of 4
     assert len(state["codec_tokens"]) == 6 and state["text"]["token_ids"]
 
 

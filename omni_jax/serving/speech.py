@@ -273,7 +273,7 @@ class SpeechStage:
         self.cfg = engine.cfg
         self.sg = SpeechGenerator(self.cfg, model.thinker, model.talker, model.code2wav, mesh=mesh, rules=rules)
         th = engine.thinker
-        embed = th.state["model"]["embed_tokens"]["embedding"].value
+        embed = th.state["model"]["embed_tokens"]["embedding"][...]
         self.talker = TalkerSlots(model.talker, embed, slots=slots, context=context or engine.max_context + 16,
                                   chunk_steps=chunk_steps, prefill_chunk=min(prefill_chunk, th.prefill_chunk),
                                   mesh=mesh, rules=rules)
