@@ -32,11 +32,27 @@ from flax import nnx
 from omni_jax import sharding as S
 from omni_jax.generate import bucket
 from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_values
-from omni_jax.serving.engine import (cache_mask, empty_cache, place_params, prefill_buckets, put_row, replicated,
-                                     split_chunks, take_row)
+from omni_jax.serving.engine import (
+    cache_mask,
+    empty_cache,
+    place_params,
+    prefill_buckets,
+    put_row,
+    replicated,
+    split_chunks,
+    take_row,
+)
 from omni_jax.serving.protocol import AudioChunk, Request, RequestError
-from omni_jax.speech import (CP_TOP_K, CP_TOP_P, SAMPLE_RATE, SpeechError, SpeechGenerator, assistant_start,
-                             speaker_id, talker_sampling)
+from omni_jax.speech import (
+    CP_TOP_K,
+    CP_TOP_P,
+    SAMPLE_RATE,
+    SpeechError,
+    SpeechGenerator,
+    assistant_start,
+    speaker_id,
+    talker_sampling,
+)
 
 
 class WaveStream:
@@ -296,7 +312,7 @@ class SpeechStage:
         self.sg.project_rows(np.zeros((1, h), np.float32), np.zeros((1, h), np.float32))
         self.sg._codec_rows([0] * 6)
         wave = self._wave()
-        for f in range(wave.window):
+        for _ in range(wave.window):
             wave.push(np.zeros(self.talker.groups, np.int32))
         wave.flush()
 
