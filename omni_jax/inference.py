@@ -158,10 +158,10 @@ class OmniSession:
 
         handles = [self.engine.submit(r) for r in requests]
         out = self.engine.drive(handles)
-        for events in out:
+        for r, events in zip(requests, out):
             fin = events[-1]
             if isinstance(fin, Finished) and fin.finish_reason == "error":
-                raise OmniJaxError(fin.error)
+                raise (SpeechError if r.speech else OmniJaxError)(fin.error)
         return out
 
     def generate(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None,

@@ -9,6 +9,7 @@ the returned waveform. Bad codes for Code2Wav are covered by tests/test_code2wav
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -332,6 +333,22 @@ def test_cli_speak(tiny_hf_dir, tiny_hf_dir_factory, text_run, tmp_path, capsys)
     wav, sr = sf.read(wav_path, dtype="float32")
     assert sr == SAMPLE_RATE and sf.info(wav_path).subtype == "FLOAT"
     np.testing.assert_allclose(wav, cap["wav"], rtol=0, atol=WAV_ATOL)
+
+    # --stream: the text as it comes, the wav written chunk by chunk (each chunk's arrival time on stderr); the
+    # finished file equals the non-streaming one (every window of these frames reaches back to frame 0; Code2Wav
+    # runs at other padded lengths, so fp32 rounding differs: measured max 1.6e-5).
+    stream_path = str(tmp_path / "stream.wav")
+    code = cli.main(["generate", "--model", tiny_hf_dir, "--messages", str(msgs), "--greedy", "--max-new-tokens",
+                     str(THINKER_TOKENS), "--speak", stream_path, "--talker-max-new-tokens", str(TALKER_TOKENS),
+                     "--stream"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == res["text"] + "\n"
+    times = [float(t) for t in re.findall(r"audio chunk \d+: \d+ samples .* at ([0-9.]+) s", err)]
+    assert len(times) == -(-(TALKER_TOKENS - 1) // 4) and times == sorted(times)
+    streamed, sr = sf.read(stream_path, dtype="float32")
+    assert sr == SAMPLE_RATE and streamed.shape == wav.shape
+    np.testing.assert_allclose(streamed, wav, rtol=0, atol=1e-4)
 
     for model, extra, needle in ((tiny_hf_dir_factory("a", "v5", False), (), "no speech output"),
                                  (tiny_hf_dir, ("--speaker", "Zed"), "unknown speaker 'Zed'")):

@@ -390,7 +390,8 @@ class SpeechStage:
         """AudioChunks of one talker prompt built in advance, as the engine streams them (`WaveStream` with the
         given window, default the engine's). `state` receives "codec_tokens" and "finished"."""
         wave = WaveStream(self._decode_window, self.sg.total_upsample, self.sg.tail_loss,
-                          group_frames or self.group_frames, left_context or self.left_context)
+                          self.group_frames if group_frames is None else group_frames,
+                          self.left_context if left_context is None else left_context)
         handle = self._talk([tp], max_new_tokens, sampling, stream_audio=True, wave=wave)[0]
         from omni_jax.inference import _drain
 
