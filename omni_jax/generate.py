@@ -68,6 +68,7 @@ def text_prompt_batch(prompts: list[list[int]], pad_id: int = 0, min_bucket: int
 class GenerationResult:
     token_ids: list[list[int]]  # generated ids per row (includes the stop id if one was produced)
     finished: list[bool]
+    logits: list | None = None  # return_logits: [first step's fp32 logits [B, V]]
 
 
 class ThinkerGenerator:
@@ -101,18 +102,18 @@ class ThinkerGenerator:
                                             mesh=self.mesh, rules=self.rules, moe_impl=self.moe_impl))
         return self.slots[1]
 
-    def generate(self, batch: PromptBatch, *, max_new_tokens: int, sampling: SamplingParams,
-                 stop_ids: tuple[int, ...] = ()) -> GenerationResult:
-        """Every row of `batch` with the same sampling (row i's PRNG stream: seed + i)."""
+    def prefill(self, batch: PromptBatch, *, max_new_tokens: int, stop_ids: tuple[int, ...] = ()):
+        """Prefill every row of `batch` into its slot (chunks of prefill_chunk): fp32 logits [B, V] of each row's
+        last prompt token (a device array; benchmarks time this)."""
+        import jax.numpy as jnp
+
         from omni_jax.serving.engine import split_chunks
 
-        b = batch.input_ids.shape[0]
         self.check_context(int(batch.lengths.max()), max_new_tokens)
-        steps = self._steps(b, bucket(int(batch.lengths.max()) + max_new_tokens), stop_ids)
-        out = [[] for _ in range(b)]
-        for i in range(b):
-            n = int(batch.lengths[i])
-            for start, valid, t in split_chunks(n, steps.prefill_chunk):
+        steps = self._steps(batch.input_ids.shape[0], bucket(int(batch.lengths.max()) + max_new_tokens), stop_ids)
+        rows = []
+        for i, n in enumerate(batch.lengths):
+            for start, valid, t in split_chunks(int(n), steps.prefill_chunk):
                 ids = np.zeros(t, np.int32)
                 ids[:valid] = batch.input_ids[i, start:start + valid]
                 pos = np.zeros((3, t), np.float32)
@@ -121,11 +122,24 @@ class ThinkerGenerator:
                 if piece is not None:
                     piece[:valid] = np.asarray(batch.embeds[i, start:start + valid])
                 logits, _ = steps.prefill(i, start, pos, ids=ids, embeds=piece, last=valid - 1)
+            rows.append(logits)
+        return jnp.stack(rows).astype(jnp.float32)
+
+    def generate(self, batch: PromptBatch, *, max_new_tokens: int, sampling: SamplingParams,
+                 stop_ids: tuple[int, ...] = (), return_logits: bool = False) -> GenerationResult:
+        """Every row of `batch` with the same sampling (row i's PRNG stream: seed + i). return_logits: the result's
+        `logits` holds the first step's fp32 logits [B, V] (as a one-element list)."""
+        first = self.prefill(batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        steps = self.slots[1]
+        b = batch.input_ids.shape[0]
+        out = [[] for _ in range(b)]
+        for i in range(b):
+            n = int(batch.lengths[i])
             seen = None
             if sampling.repetition_penalty != 1.0:
                 seen = np.zeros(steps.vocab, bool)
                 seen[batch.input_ids[i, :n]] = True
-            tok = steps.first_token(logits, sampling, sampling.seed + i, seen)
+            tok = steps.first_token(first[i], sampling, sampling.seed + i, seen)
             out[i].append(tok)
             if seen is not None:
                 seen[tok] = True
@@ -138,4 +152,4 @@ class ThinkerGenerator:
             for i in range(b):
                 out[i].extend(toks[i][emitted[i]].tolist())
         finished = [bool(o and o[-1] in stop_ids) for o in out]
-        return GenerationResult(out, finished)
+        return GenerationResult(out, finished, [np.asarray(first)] if return_logits else None)
