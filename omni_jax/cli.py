@@ -167,7 +167,7 @@ def _stream(a, session, messages, sampling) -> int:
                 wav.write(ev.samples)
                 wav.flush()
                 n_chunks += 1
-                print(f"audio chunk {n_chunks}: {len(ev.samples)} samples ({ev.num_codec_frames} codec frames so far) "
+                print(f"audio chunk {n_chunks}: {len(ev.samples)} samples ({ev.num_codec_frames} codec frames) "
                       f"at {time.monotonic() - t0:.3f} s", file=sys.stderr, flush=True)
             elif isinstance(ev, Finished):
                 fin = ev

@@ -256,7 +256,7 @@ def test_streaming(session, hf, text_run):
         at_yield, chunks = [], []
         for c in sg.stream(tp, max_new_tokens=TALKER_TOKENS, sampling=talker_sampling(greedy=True),
                            group_frames=group, left_context=ctx):
-            at_yield.append(c.num_codec_frames)  # frames produced when the chunk was made
+            at_yield.append(c.num_codec_frames + (at_yield[-1] if at_yield else 0))  # frames covered so far
             chunks.append(c.samples)
         return chunks, at_yield
 

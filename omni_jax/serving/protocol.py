@@ -61,7 +61,8 @@ class TextDelta:
 
 @dataclasses.dataclass
 class AudioChunk:
-    """Float32 24 kHz mono samples; the chunks of one request concatenate to its whole waveform."""
+    """Float32 24 kHz mono samples; the chunks of one request concatenate to its whole waveform.
+    num_codec_frames: the codec frames (80 ms each) this chunk completes."""
 
     samples: np.ndarray
     num_codec_frames: int

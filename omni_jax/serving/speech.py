@@ -78,21 +78,41 @@ class WaveStream:
         self.frames: list[np.ndarray] = []
         self.start = 0  # first frame not yet emitted
 
-    def _chunk(self, end: int) -> np.ndarray:
-        start, ctx = self.start, min(self.left, self.start)
-        codes = np.stack(self.frames[start - ctx:end], axis=1)
-        wav = self.decode_window(np.pad(codes, ((0, 0), (0, self.window - codes.shape[1]))))
-        first = max(0, start * self.up - self.loss) - (start - ctx) * self.up  # absolute -> window sample index
-        self.start = end
-        return wav[first:end * self.up - self.loss - (start - ctx) * self.up]
+    def add(self, frame: np.ndarray):
+        self.frames.append(np.asarray(frame, np.int32))
+
+    def due(self, final: bool = False) -> list[tuple]:
+        """The windows now complete (every full group; with `final` also a last partial one), in order: a list of
+        (codes int [G, window], start, ctx, end); the caller decodes them (several requests' windows batched)."""
+        out = []
+        while len(self.frames) - self.start >= self.group or (final and len(self.frames) > self.start):
+            start = self.start
+            end, ctx = min(start + self.group, len(self.frames)), min(self.left, start)
+            codes = np.stack(self.frames[start - ctx:end], axis=1)
+            out.append((np.pad(codes, ((0, 0), (0, self.window - codes.shape[1]))), start, ctx, end))
+            self.start = end
+        return out
+
+    def cut(self, wav: np.ndarray, start: int, ctx: int, end: int) -> np.ndarray:
+        """The chunk of a decoded window: absolute samples [max(0, 1920 start - 555), 1920 end - 555)."""
+        base = (start - ctx) * self.up
+        return wav[max(0, start * self.up - self.loss) - base:end * self.up - self.loss - base]
 
     def push(self, frame: np.ndarray) -> np.ndarray | None:
-        """Add one frame int [G]; returns a chunk when a group is complete."""
-        self.frames.append(np.asarray(frame, np.int32))
-        return self._chunk(len(self.frames)) if len(self.frames) - self.start == self.group else None
+        """Add one frame int [G] and decode at once: a chunk when a group is complete."""
+        self.add(frame)
+        return self._decode(self.due())
 
     def flush(self) -> np.ndarray | None:
-        return self._chunk(len(self.frames)) if len(self.frames) > self.start else None
+        return self._decode(self.due(final=True))
+
+    def _decode(self, windows) -> np.ndarray | None:
+        chunks = [self.cut(self.decode_window(codes), s, c, e) for codes, s, c, e in windows]
+        return np.concatenate(chunks) if chunks else None
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def talker_state(slots: int, vocab: int, hidden: int, context: int) -> dict:
@@ -311,10 +331,13 @@ class SpeechStage:
         h = self.cfg.talker_config.thinker_hidden_size
         self.sg.project_rows(np.zeros((1, h), np.float32), np.zeros((1, h), np.float32))
         self.sg._codec_rows([0] * 6)
-        wave = self._wave()
-        for _ in range(wave.window):
-            wave.push(np.zeros(self.talker.groups, np.int32))
-        wave.flush()
+        window = self.left_context + self.group_frames
+        b = 1
+        while True:  # every batch size _code2wav uses
+            self.sg.decode_batch(np.zeros((b, self.talker.groups, window), np.int32))
+            if b >= self.talker.slots:
+                break
+            b *= 2
 
     def _wave(self) -> WaveStream:
         return WaveStream(self._decode_window, self.sg.total_upsample, self.sg.tail_loss, self.group_frames,
@@ -481,6 +504,7 @@ class SpeechStage:
         running = [j for j in jobs if j.talk.state == "running" and j.state != "done"]
         if running:
             self._decode(running)
+            self._code2wav(running)
 
     def _start(self, job):
         t = job.talk
@@ -542,24 +566,41 @@ class SpeechStage:
             t.codec_tokens.append(int(c0s[t.slot, i]))
             t.steps += 1
             if t.wave is not None:
-                chunk = t.wave.push(frames[t.slot, i])
-                if chunk is not None:
-                    self._send(job, chunk)
+                t.wave.add(frames[t.slot, i])
         if not active[t.slot]:
             t.finished = t.codec_tokens[-1] == self.talker.eos
-            self._talker_done(job)
+            t.state = "ending"  # its last Code2Wav window goes out with this turn's batch
 
-    def _send(self, job, samples: np.ndarray):
+    def _code2wav(self, jobs):
+        """Decode every complete Code2Wav window of these requests in batches (one call per `slots` windows,
+        padded to a power of two), send the chunks in order, and end the requests whose talker has stopped."""
+        work = [(job, w) for job in jobs if job.talk.wave is not None and job.state != "done"
+                for w in job.talk.wave.due(final=job.talk.state == "ending")]
+        size = self.talker.slots
+        shapes = sorted({w[0].shape for _, w in work})  # one window size per engine; a test's own stream may differ
+        parts = [p for shape in shapes for p in _batches([x for x in work if x[1][0].shape == shape], size)]
+        for part in parts:
+            codes = np.stack([w[0] for _, w in part])
+            b = min(1 << (len(part) - 1).bit_length(), bucket(size, 1))
+            wav = self.sg.decode_batch(np.pad(codes, ((0, b - len(part)), (0, 0), (0, 0))))
+            for (job, (_, s, c, e)), row in zip(part, wav):
+                self._send(job, job.talk.wave.cut(row, s, c, e), e - s)
+        for job in jobs:
+            if job.talk.state == "ending" and job.state != "done":
+                self._talker_done(job)
+
+    def _send(self, job, samples: np.ndarray, frames: int):
         t = job.talk
         t.samples += samples.shape[0]
-        job.handle.put(AudioChunk(samples, len(t.frames)))
+        job.handle.put(AudioChunk(samples, frames))
 
     def _talker_done(self, job):
         t = job.talk
         if t.wave is not None:
-            chunk = t.wave.flush()
+            start = t.wave.start
+            chunk = t.wave.flush()  # nothing left after _code2wav; a talker that ended at its prefill: no frames
             if chunk is not None:
-                self._send(job, chunk)
+                self._send(job, chunk, len(t.wave.frames) - start)
         t.state = "done"
         self._free_slot(t)
         if job.state == "talking":  # the thinker part has ended too
