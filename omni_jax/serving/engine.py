@@ -151,11 +151,13 @@ class ThinkerSlots:
 
     thinker: the Thinker module; stop_ids: ids that end a reply (im_end + generation_config eos);
     chunk_steps: decode steps per host round trip; prefill_chunk: longest prefill piece (power of two);
-    collect: thinker hidden-state indices the prefill can return (the talker's accept layer)."""
+    collect: thinker hidden-state indices the prefill can return (the talker's accept layer). allocate=False
+    skips the device cache and slot state (to lower the steps with abstract shapes, e.g. for a TPU topology:
+    `_decode.lower(state, cache, slot_state(...))`)."""
 
     def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
                  prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
-                 moe_impl: str = "auto", cache_dtype=None):
+                 moe_impl: str = "auto", cache_dtype=None, allocate: bool = True):
         self.cfg = thinker.cfg.text_config
         self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = place_params(thinker, mesh, self.rules, "thinker", self.cfg)
@@ -173,6 +175,8 @@ class ThinkerSlots:
         self._insert = jax.jit(_set_row, donate_argnums=(0,))
         self._embed_ids = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
         self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
+        if not allocate:
+            return
         with self.on_mesh():
             self.cache = jax.jit(lambda: empty_cache(self.cfg, slots, self.context, self.cache_dtype))()
             self.dstate = self.put(slot_state(slots, self.vocab, self.context))
