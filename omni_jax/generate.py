@@ -76,8 +76,11 @@ class ThinkerGenerator:
     then runs decode chunks until every row has stopped."""
 
     def __init__(self, thinker, *, max_context: int | None = None, moe_impl: str = "auto", mesh=None,
-                 rules="default", chunk_steps: int = 16, prefill_chunk: int = 256):
+                 rules="default", chunk_steps: int = 16, prefill_chunk: int = 256, attention_impl: str = "auto"):
+        from omni_jax.kernels.impls import check_impl
+
         self.thinker, self.moe_impl, self.mesh, self.rules = thinker, moe_impl, mesh, rules
+        self.attention_impl = check_impl("attention", attention_impl)
         self.max_context = max_context or thinker.cfg.text_config.max_position_embeddings
         self.chunk_steps, self.prefill_chunk = chunk_steps, prefill_chunk
         self.slots = None
@@ -99,7 +102,8 @@ class ThinkerGenerator:
         if self.slots is None or self.slots[0] != key:
             self.slots = (key, ThinkerSlots(self.thinker, slots=rows, context=context, stop_ids=stop_ids,
                                             chunk_steps=self.chunk_steps, prefill_chunk=self.prefill_chunk,
-                                            mesh=self.mesh, rules=self.rules, moe_impl=self.moe_impl))
+                                            mesh=self.mesh, rules=self.rules, moe_impl=self.moe_impl,
+                                            attention_impl=self.attention_impl))
         return self.slots[1]
 
     def prefill(self, batch: PromptBatch, *, max_new_tokens: int, stop_ids: tuple[int, ...] = ()):

@@ -188,8 +188,9 @@ def _lower_train(model, mesh, rules, *, batch, seq_len, compute_dtype, remat, mo
 
 
 def _lower_serving(model, mesh, rules, mode, *, batch, seq_len, moe_impl, attention_impl):
-    """Prefill of a [batch, seq_len] prompt into a KV cache of seq_len, or one decode step of `batch` rows
-    against a cache of seq_len, through omni_jax/generate.py's step functions."""
+    """The serving engine's own steps (omni_jax/serving/engine.py ThinkerSlots, abstract): prefill of one slot's
+    seq_len-token prompt into a `batch`-slot KV cache of seq_len positions, or one decode chunk (16 steps with
+    on-device sampling and stop checks) for all `batch` slots."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -197,35 +198,34 @@ def _lower_serving(model, mesh, rules, mode, *, batch, seq_len, moe_impl, attent
     from jax.sharding import PartitionSpec as P
 
     from omni_jax import sharding as S
-    from omni_jax.generate import ThinkerGenerator
-    from omni_jax.sampling import SamplingParams
+    from omni_jax.serving.engine import ThinkerSlots, slot_state
 
-    gen = ThinkerGenerator(model.thinker, moe_impl=moe_impl, attention_impl=attention_impl)
+    context = -(-seq_len // 16) * 16
+    gen = ThinkerSlots(model.thinker, slots=batch, context=context, stop_ids=(), prefill_chunk=context,
+                       moe_impl=moe_impl, attention_impl=attention_impl, allocate=False)
     state_sh = S.named_shardings(gen.state, mesh, rules)
     state = _sds(gen.state, state_sh)
     t = gen.cfg
-    dtype = jax.tree.leaves(gen.state)[0].dtype
+    dtype = gen.dtype
     rep = NamedSharding(mesh, P())
 
     def spec(shape, dt, axes):
         return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, S.logical_to_spec(axes, rules, mesh,
                                                                                                shape)))
 
+    kv = spec((batch, gen.context, t.num_key_value_heads, t.head_dim), dtype, ("batch", "seq", "kv_heads", "head_dim"))
+    cache = [(kv, kv) for _ in range(t.num_hidden_layers)]
     with S.activate(mesh, rules):
-        if mode == "prefill":
-            embeds = spec((batch, seq_len, t.hidden_size), dtype, ("batch", "seq", None))
-            positions = spec((3, batch, seq_len), jnp.int32, (None, "batch", "seq"))
-            lengths = spec((batch,), jnp.int32, ("batch",))
-            lowered = gen._prefill.lower(state, embeds, positions, lengths, None, cache_len=seq_len)
-        else:
-            kv = spec((batch, seq_len, t.num_key_value_heads, t.head_dim), dtype,
-                      ("batch", "seq", "kv_heads", "head_dim"))
-            cache = [(kv, kv) for _ in range(t.num_hidden_layers)]
-            tokens = spec((batch,), jnp.int32, ("batch",))
-            key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # nothing runs on the topology
-            rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-            lowered = gen._decode.lower(state, cache, tokens, tokens, spec((batch,), jnp.float32, ("batch",)), rng,
-                                        None, params=SamplingParams(greedy=True))
+        if mode == "prefill":  # one slot's prompt of seq_len tokens into the slot cache (the engine's prefill step)
+            scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+            ids = jax.ShapeDtypeStruct((1, gen.context), jnp.int32, sharding=rep)
+            positions = jax.ShapeDtypeStruct((3, 1, gen.context), jnp.float32, sharding=rep)
+            lowered = gen._prefill.lower(state, cache, scalar, scalar, ids, None, positions, scalar, None,
+                                         has_embeds=False, has_deepstack=False)
+        else:  # one decode chunk (chunk_steps tokens) for `batch` slots
+            host = slot_state(batch, gen.vocab, gen.context)
+            ds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), host)
+            lowered = gen._decode.lower(state, cache, ds)
     return lowered, nnx.state(model, nnx.Param)
 
 
@@ -277,7 +277,9 @@ def compile_step(cfg: OmniConfig, topology: str, mesh_spec: str, mode: str, *, r
                                          moe_impl=moe_impl, attention_impl=attention_impl)
     kind = devices[0].device_kind
     hbm, peak_flops = CHIPS.get(kind, (0, 0.0))
-    tokens = batch * (1 if mode == "decode" else seq_len)
+    # train: batch x seq_len; prefill: one slot's seq_len prompt (the engine prefills slot by slot); decode: one
+    # chunk of 16 steps (ThinkerSlots' default chunk_steps) for `batch` slots
+    tokens = {"train": batch * seq_len, "prefill": seq_len, "decode": batch * 16}[mode]
     model_flops = (6.0 if mode == "train" else 2.0) * _active_params(params, text_cfg) * tokens / len(devices)
     common = dict(topology=topology, devices=len(devices), device_kind=kind, mesh=sizes, mode=mode, batch=batch,
                   seq_len=seq_len, layers=text_cfg.num_hidden_layers, moe_impl=moe_impl,

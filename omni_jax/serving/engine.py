@@ -37,6 +37,7 @@ from flax import nnx
 
 from omni_jax import sharding as S
 from omni_jax.generate import bucket
+from omni_jax.kernels.attention import AttentionMask
 from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_values
 
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
@@ -76,10 +77,12 @@ def empty_cache(cfg, batch: int, length: int, dtype) -> list:
             for _ in range(cfg.num_hidden_layers)]
 
 
-def cache_mask(start: jnp.ndarray, t: int, s: int) -> jnp.ndarray:
-    """bool [B, T, S]: query t of row b sits at cache index start[b] + t and sees indices <= that (causal over
-    what the row's cache holds). The one place the engines build attention masks."""
-    return jnp.arange(s)[None, None, :] <= (start[:, None, None] + jnp.arange(t)[None, :, None])
+def cache_mask(start: jnp.ndarray, t: int, s: int) -> AttentionMask:
+    """Query t of row b sits at cache index start[b] + t and sees indices <= that (causal over what the row's
+    cache holds; kv_lengths lets kernels read only the live part of the S-slot cache). The one place the engines
+    build attention masks."""
+    del s  # the cache length is the keys' length
+    return AttentionMask.decode(start, t)
 
 
 def take_row(cache: list, slot) -> list:
@@ -157,8 +160,9 @@ class ThinkerSlots:
 
     def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
                  prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
-                 moe_impl: str = "auto", cache_dtype=None, allocate: bool = True):
+                 moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True):
         self.cfg = thinker.cfg.text_config
+        self.attention_impl = attention_impl
         self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = place_params(thinker, mesh, self.rules, "thinker", self.cfg)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
@@ -194,7 +198,8 @@ class ThinkerSlots:
     def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):
         model = nnx.merge(self.graphdef, state)
         return model.input_embeddings(ids, audio=audio, image=None if image_px is None else (image_px, image_grid),
-                                      video=None if video_px is None else (video_px, video_grid))
+                                      video=None if video_px is None else (video_px, video_grid),
+                                      attention_impl=self.attention_impl)
 
     def _prefill_impl(self, state, cache, slot, start, ids, embeds, positions, last, deepstack, *,
                       has_embeds: bool, has_deepstack: bool):
@@ -209,7 +214,8 @@ class ThinkerSlots:
         row = take_row(cache, slot)
         hidden, row, aux = model.model(x, positions, cache_mask(begin, t, self.context), cache=row,
                                        cache_start=begin, deepstack=deepstack if has_deepstack else None,
-                                       collect_hidden=self.collect, moe_impl=self.moe_impl)
+                                       collect_hidden=self.collect, moe_impl=self.moe_impl,
+                                       attention_impl=self.attention_impl)
         cache = put_row(cache, row, slot)
         logits = model.logits(jax.lax.dynamic_index_in_dim(hidden[0], last, 0, keepdims=False))
         return replicated(logits), cache, replicated({i: h[0] for i, h in aux["hidden"].items()})
@@ -229,7 +235,7 @@ class ThinkerSlots:
             x = model.embed(ds["tok"][:, None])
             pos = jnp.broadcast_to((idx.astype(jnp.float32) + ds["delta"])[None, :, None], (3, b, 1))
             hidden, cache, _ = model.model(x, pos, cache_mask(idx, 1, self.context), cache=cache, cache_start=idx,
-                                           moe_impl=self.moe_impl)
+                                           moe_impl=self.moe_impl, attention_impl=self.attention_impl)
             logits = model.logits(hidden[:, 0])
             keys = jax.vmap(jax.random.fold_in)(ds["key"], ds["count"])
             nxt = next_token_rows(logits, keys, ds["sampling"], seen=ds["seen"])

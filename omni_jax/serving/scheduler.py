@@ -82,7 +82,11 @@ class Engine:
     def __init__(self, model, cfg, tokenizer, defaults, *, model_name: str, max_slots: int = 4, max_queue: int = 64,
                  max_context: int | None = None, chunk_steps: int = 16, prefill_chunk: int = 256, speech: bool = False,
                  mesh=None, rules="default", talker_context: int | None = None, audio_group_frames: int = 4,
-                 audio_left_context: int = 25):
+                 audio_left_context: int = 25, moe_impl: str = "auto", attention_impl: str = "auto"):
+        from omni_jax.kernels.impls import check_impl
+
+        check_impl("moe", moe_impl)
+        check_impl("attention", attention_impl)
         self.cfg, self.tokenizer, self.defaults, self.model_name = cfg, tokenizer, defaults, model_name
         self.max_slots, self.max_queue = max_slots, max_queue
         self.stop_ids = tuple(dict.fromkeys((cfg.im_end_token_id, *defaults.eos_token_ids)))
@@ -93,14 +97,15 @@ class Engine:
         accept = cfg.talker_config.accept_hidden_layer if speech else None
         self.thinker = ThinkerSlots(model.thinker, slots=max_slots, context=self.max_context, stop_ids=self.stop_ids,
                                     chunk_steps=chunk_steps, prefill_chunk=prefill_chunk,
-                                    collect=() if accept is None else (0, accept), mesh=mesh, rules=rules)
+                                    collect=() if accept is None else (0, accept), mesh=mesh, rules=rules,
+                                    moe_impl=moe_impl, attention_impl=attention_impl)
         self.speech = None
         if speech:
             from omni_jax.serving.speech import SpeechStage
 
             self.speech = SpeechStage(self, model, slots=max_slots, context=talker_context, chunk_steps=chunk_steps,
                                       group_frames=audio_group_frames, left_context=audio_left_context,
-                                      mesh=mesh, rules=rules)
+                                      mesh=mesh, rules=rules, moe_impl=moe_impl, attention_impl=attention_impl)
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs: list[_Job] = []  # admitted (prefill / running / talking)

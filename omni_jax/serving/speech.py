@@ -129,7 +129,8 @@ class TalkerSlots:
     for every slot in one static-trip-count `lax.fori_loop` (code predictor, next input, talker step, sampling)."""
 
     def __init__(self, talker, thinker_embed, *, slots: int, context: int, chunk_steps: int, prefill_chunk: int,
-                 mesh=None, rules="default", moe_impl: str = "auto"):
+                 mesh=None, rules="default", moe_impl: str = "auto", attention_impl: str = "auto"):
+        self.attention_impl = attention_impl
         self.tcfg = talker.cfg
         self.cfg = talker.cfg.text_config
         self.mesh, self.rules = mesh, S.get_rules(rules)
@@ -169,7 +170,8 @@ class TalkerSlots:
         begin = jnp.reshape(start, (1,))
         row = take_row(cache, slot)
         logits, hidden, row = talker(embeds.astype(self.dtype), positions, cache_mask(begin, t, self.context),
-                                     cache=row, cache_start=begin, moe_impl=self.moe_impl)
+                                     cache=row, cache_start=begin, moe_impl=self.moe_impl,
+                                     attention_impl=self.attention_impl)
         cache = put_row(cache, row, slot)
         at = lambda x: jax.lax.dynamic_index_in_dim(x[0], last, 0, keepdims=False)  # noqa: E731
         return replicated(at(logits)), replicated(at(hidden)), cache
@@ -203,13 +205,14 @@ class TalkerSlots:
                 logits, jax.vmap(jax.random.fold_in, (0, None))(k_cp, step), cp_rows)
             with jax.named_scope("code_predictor"):
                 residual = talker.code_predictor.predict_frame(ds["h"].astype(self.dtype), talker.embed_codes(ds["c0"]),
-                                                               pick=pick)
+                                                               pick=pick, attention_impl=self.attention_impl)
             with jax.named_scope("talker_step"):
                 x = talker.next_frame_embedding(ds["c0"], residual) + text[:, i]
                 idx = jnp.where(act, ds["idx"], self.context - 1)
                 pos = jnp.swapaxes(ds["rope"], 0, 1)[:, :, None]  # [3, B, 1]
                 logits, hidden, cache = talker(x[:, None], pos, cache_mask(idx, 1, self.context), cache=cache,
-                                               cache_start=idx, moe_impl=self.moe_impl)
+                                               cache_start=idx, moe_impl=self.moe_impl,
+                                               attention_impl=self.attention_impl)
             with jax.named_scope("sample_codec"):
                 nxt = next_token_rows(logits[:, 0], k_talker, sp, seen=ds["seen"], suppress=suppress)
             frame = jnp.concatenate([ds["c0"][:, None], residual], axis=1)
@@ -304,15 +307,17 @@ class SpeechStage:
     """Talker slots + Code2Wav for the engine (scheduler.Engine drives it through `step`)."""
 
     def __init__(self, engine, model, *, slots: int, context: int | None, chunk_steps: int, group_frames: int,
-                 left_context: int, mesh=None, rules="default", prefill_chunk: int = 256):
+                 left_context: int, mesh=None, rules="default", prefill_chunk: int = 256, moe_impl: str = "auto",
+                 attention_impl: str = "auto"):
         self.engine = engine
         self.cfg = engine.cfg
-        self.sg = SpeechGenerator(self.cfg, model.thinker, model.talker, model.code2wav, mesh=mesh, rules=rules)
+        self.sg = SpeechGenerator(self.cfg, model.thinker, model.talker, model.code2wav, mesh=mesh, rules=rules,
+                                  moe_impl=moe_impl)
         th = engine.thinker
         embed = th.state["model"]["embed_tokens"]["embedding"][...]
         self.talker = TalkerSlots(model.talker, embed, slots=slots, context=context or engine.max_context + 16,
                                   chunk_steps=chunk_steps, prefill_chunk=min(prefill_chunk, th.prefill_chunk),
-                                  mesh=mesh, rules=rules)
+                                  mesh=mesh, rules=rules, moe_impl=moe_impl, attention_impl=attention_impl)
         self.group_frames, self.left_context = group_frames, left_context
         self.free = list(range(slots))
         self.pad_id, self.eos_id = self.cfg.tts_pad_token_id, self.cfg.tts_eos_token_id
