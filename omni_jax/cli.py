@@ -84,6 +84,23 @@ def _add_init(sub):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve the model over OpenAI-compatible HTTP (chat completions, speech)",
+                       description="Start an OpenAI-compatible server: POST /v1/chat/completions (text and audio "
+                                   "in, text and streamed speech out), GET /v1/models, /health, /metrics. Requests "
+                                   "share the engine's decode slots (continuous batching); inline media is decoded "
+                                   "to temporary files, and local media paths in requests are read by the server.")
+    p.add_argument("--model", required=True, help="HF model directory or Orbax checkpoint written by convert")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond it the server "
+                                                             "answers 503 with Retry-After")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--no-speech", action="store_true", help="do not load the talker / code2wav (text replies only)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+
+
 def _size(s: str) -> int:
     s = s.strip().upper()
     for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
@@ -200,6 +217,28 @@ def _add_train(sub):
                         "config.mesh.rules)")
 
 
+def cmd_serve(a) -> int:
+    from omni_jax.serving.server import serve
+
+    speech = not a.no_speech
+    if speech:
+        from omni_jax.inference import check_speech_available
+        from omni_jax.speech import SpeechError
+
+        try:
+            check_speech_available(a.model)
+        except SpeechError:
+            speech = False
+
+    def load():
+        from omni_jax.serving.engine import Engine
+
+        return Engine.from_dir(a.model, dtype=a.dtype, mesh=a.mesh, rules=a.rules, max_slots=a.max_slots,
+                               max_queue=a.max_queue, speech=speech)
+
+    return serve(load, host=a.host, port=a.port, log_level=a.log_level)
+
+
 def cmd_train(a) -> int:
     import logging
 
@@ -228,12 +267,14 @@ def main(argv=None) -> int:
     _add_convert(sub)
     _add_init(sub)
     _add_train(sub)
+    _add_serve(sub)
+    _add_mesh_args(sub.choices["serve"])
     a, extra = parser.parse_known_args(argv)
     if extra and a.cmd != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     a.overrides = extra
     handlers = {"generate": cmd_generate, "convert": cmd_convert, "init": cmd_init, "plan": cmd_plan,
-                "train": cmd_train}
+                "train": cmd_train, "serve": cmd_serve}
     from omni_jax.errors import user_errors
 
     try:
