@@ -1,0 +1,353 @@
+"""`omni-jax serve` end to end: one server process per module on 127.0.0.1 with the tiny transformers-written
+checkpoint, driven by the official `openai` client (and raw httpx where a client would refuse to send the
+malformed request).
+
+Checked: greedy text equals `omni-jax generate --greedy` for text and audio input; streamed pcm16 speech equals the
+non-streaming WAV and `omni-jax generate --speak` within int16 quantisation; 16 concurrent mixed requests each get
+their solo result; every malformed request gets its 4xx OpenAI error object; a client that disconnects frees its
+slot; a full queue answers 503 with Retry-After; no compilation after warm-up; bench/serve_bench.py runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import wave
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from omni_jax import cli
+from omni_jax.serving.metrics import parse_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_SLOTS, MAX_QUEUE = 4, 12
+THINKER_TOKENS = 8
+TALKER_TOKENS = 10
+QUESTION = "Tell me a story about a cat."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tone_wav(path, seconds=1.0, rate=16000, f0=330.0) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    x = (0.4 * np.sin(2 * np.pi * f0 * t) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(x.tobytes())
+    return open(path, "rb").read()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_hf_dir, tmp_path_factory):
+    """(base URL, compilations when warm) of `omni-jax serve` on a free port."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "omni_jax.cli", "serve", "--model", tiny_hf_dir, "--port",
+                                 str(port), "--max-slots", str(MAX_SLOTS), "--max-queue", str(MAX_QUEUE)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    try:
+        while True:
+            assert proc.poll() is None, f"omni-jax serve exited:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"omni-jax serve not warm after 600 s:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url, _metrics(url)["omni_jax_compilations_total"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=5, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def audio_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("audio") / "q.wav"
+    return str(path), _tone_wav(path)
+
+
+def _metrics(url) -> dict:
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
+
+
+def _generate(tmp_path, capsys, model_dir, messages, *extra) -> dict:
+    """`omni-jax generate --greedy --json` on a messages file (in process)."""
+    m = tmp_path / f"m{time.monotonic_ns()}.json"
+    m.write_text(json.dumps(messages))
+    code = cli.main(["generate", "--model", model_dir, "--messages", str(m), "--greedy", "--json", *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _user(audio_b64: str | None, text: str = QUESTION) -> list:
+    parts = [{"type": "text", "text": text}]
+    if audio_b64 is not None:
+        parts.insert(0, {"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}})
+    return [{"role": "user", "content": parts}]
+
+
+def _chat(client, model, messages, max_tokens=THINKER_TOKENS, **kw):
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0, **kw)
+
+
+def _speech(client, model, messages, max_tokens=THINKER_TOKENS, talker=TALKER_TOKENS, stream=False):
+    """(text, int16 samples) of a greedy spoken reply; streamed as pcm16, or one WAV."""
+    kw = dict(modalities=["text", "audio"], extra_body={"talker_max_new_tokens": talker})
+    if not stream:
+        r = _chat(client, model, messages, max_tokens, audio={"voice": "Ethan", "format": "wav"}, **kw)
+        msg = r.choices[0].message
+        with wave.open(io.BytesIO(base64.b64decode(msg.audio.data))) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        assert msg.audio.transcript == msg.content
+        return msg.content, pcm
+    text, pcm = [], []
+    for ch in _chat(client, model, messages, max_tokens, audio={"voice": "ethan", "format": "pcm16"}, stream=True,
+                    **kw):
+        for c in ch.choices:
+            if c.delta.content:
+                text.append(c.delta.content)
+            audio = (c.delta.model_extra or {}).get("audio")
+            if audio:
+                pcm.append(np.frombuffer(base64.b64decode(audio["data"]), "<i2"))
+    return "".join(text), np.concatenate(pcm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_health_models_and_metrics(server, client, model_name):
+    url, _ = server
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert [m.id for m in client.models.list().data] == [model_name]
+    m = _metrics(url)
+    assert m["omni_jax_ready"] == 1 and m["omni_jax_num_requests_running"] == 0
+    assert "omni_jax_compilations_total" in m
+
+
+def test_greedy_text_matches_generate(server, client, model_name, tiny_hf_dir, audio_file, tmp_path, capsys):
+    """Text and audio input: the server's greedy reply (JSON and streamed) is `omni-jax generate --greedy`'s."""
+    path, raw = audio_file
+    for audio_b64, parts in ((None, []), (base64.b64encode(raw).decode(), [{"type": "audio", "path": path}])):
+        want = _generate(tmp_path, capsys, tiny_hf_dir,
+                         [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
+                         "--max-new-tokens", str(THINKER_TOKENS))
+        r = _chat(client, model_name, _user(audio_b64))
+        assert r.choices[0].message.content == want["text"]
+        assert r.usage.prompt_tokens == len(want["prompt_token_ids"])
+        assert r.usage.completion_tokens == len(want["token_ids"])
+        assert r.choices[0].finish_reason == ("length" if len(want["token_ids"]) == THINKER_TOKENS else "stop")
+        chunks = list(_chat(client, model_name, _user(audio_b64), stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == want["text"]
+        assert chunks[-1].usage.completion_tokens == len(want["token_ids"]) and not chunks[-1].choices
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+
+
+def test_speech_stream_equals_wav_and_generate_speak(server, client, model_name, tiny_hf_dir, tmp_path, capsys):
+    wav_path = str(tmp_path / "speak.wav")
+    want = _generate(tmp_path, capsys, tiny_hf_dir, [{"role": "user", "content": QUESTION}], "--max-new-tokens",
+                     str(THINKER_TOKENS), "--speak", wav_path, "--talker-max-new-tokens", str(TALKER_TOKENS))
+    ref, sr = sf.read(wav_path, dtype="float32")
+    text, wav_pcm = _speech(client, model_name, [{"role": "user", "content": QUESTION}])
+    stream_text, stream_pcm = _speech(client, model_name, [{"role": "user", "content": QUESTION}], stream=True)
+    assert text == stream_text == want["text"]
+    np.testing.assert_array_equal(stream_pcm, wav_pcm)
+    assert sr == 24000 and wav_pcm.shape == ref.shape
+    # int16 quantisation: round(x * 32767) is within half a step of x * 32767 (one step allowed for fp32 noise)
+    np.testing.assert_allclose(wav_pcm / 32767.0, np.clip(ref, -1, 1), rtol=0, atol=1.0 / 32767)
+
+
+def test_concurrent_mixed_requests_get_their_solo_results(server, client, model_name, audio_file):
+    _, raw = audio_file
+    audio_b64 = base64.b64encode(raw).decode()
+    specs = []
+    for i in range(8):
+        audio = audio_b64 if i % 2 else None
+        speech = i % 4 >= 2
+        specs.append((_user(audio, f"{QUESTION} Number {i}."), 3 + i, speech))
+
+    def run(spec):
+        messages, n, speech = spec
+        if speech:
+            return _speech(client, model_name, messages, n, talker=4 + n, stream=n % 2 == 0)
+        r = _chat(client, model_name, messages, n)
+        return r.choices[0].message.content, None
+
+    solo = [run(s) for s in specs]
+    with cf.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, specs + specs))
+    for i, (got, want) in enumerate(zip(together, solo + solo)):
+        assert got[0] == want[0], f"request {i}: text differs from its solo run"
+        if want[1] is not None:
+            np.testing.assert_array_equal(got[1], want[1], err_msg=f"request {i}: speech differs from its solo run")
+
+
+def _post(url, body=None, raw: bytes | None = None):
+    return httpx.post(f"{url}/v1/chat/completions", content=raw if raw is not None else json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=60)
+
+
+@pytest.mark.parametrize("name, body, status, param, needle", [
+    ("malformed json", b'{"messages": [', 400, None, "malformed JSON"),
+    ("body not an object", [1, 2], 400, None, "JSON object"),
+    ("messages wrong type", {"messages": "hi"}, 400, "messages", "non-empty list"),
+    ("max_tokens wrong type", {"max_tokens": "ten"}, 400, "max_tokens", "integer"),
+    ("max_tokens < 1", {"max_tokens": 0}, 400, "max_tokens", "at least 1"),
+    ("temperature wrong type", {"temperature": [1]}, 400, "temperature", "number"),
+    ("bad base64", {"audio_b64": "not base64!!"}, 400, "messages[0].content[0].input_audio.data", "base64"),
+    ("audio not decodable", {"audio_b64": base64.b64encode(b"RIFF1234WAVEjunk").decode()}, 400,
+     "messages[0].content[0].input_audio.data", "cannot decode"),
+    ("unsupported audio format", {"audio_format": "ogg"}, 400, "messages[0].content[0].input_audio.format",
+     "unsupported audio format"),
+    ("unsupported image type", {"image_url": "data:image/tiff;base64,AAAA"}, 400,
+     "messages[0].content[0].image_url.url", "unsupported image type"),
+    ("image not decodable", {"image_url": "data:image/png;base64," + base64.b64encode(b"no png").decode()}, 400,
+     "messages[0].content[0].image_url.url", "cannot decode the image"),
+    ("unknown speaker", {"modalities": ["text", "audio"], "speaker": "Zed"}, 400, "speaker", "chelsie, ethan"),
+    ("unsupported output audio", {"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "aac"}},
+     400, "audio.format", "pcm16"),
+    ("prompt longer than context", {"long": True}, 400, None, "context"),
+    ("unknown model", {"model": "gpt-9"}, 404, "model", "does not exist"),
+])
+def test_malformed_requests(server, model_name, audio_file, name, body, status, param, needle):
+    url, _ = server
+    if isinstance(body, dict):
+        b = dict(body)
+        part = {"type": "text", "text": "x " * 6000 if b.pop("long", False) else QUESTION}
+        if "audio_b64" in b or "audio_format" in b:
+            data = b.pop("audio_b64", base64.b64encode(audio_file[1]).decode())
+            part = {"type": "input_audio", "input_audio": {"data": data, "format": b.pop("audio_format", "wav")}}
+        if "image_url" in b:
+            part = {"type": "image_url", "image_url": {"url": b.pop("image_url")}}
+        r = _post(url, {"model": model_name, "messages": [{"role": "user", "content": [part]}], "max_tokens": 4,
+                        **b})
+    else:
+        r = _post(url, raw=body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    assert needle in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    ok = _post(url, {"model": model_name, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_openai_client_sees_bad_request(client, model_name):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, model_name, [{"role": "user", "content": QUESTION}], max_tokens=0)
+    assert e.value.status_code == 400 and "max_tokens" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, "nope", [{"role": "user", "content": QUESTION}])
+
+
+def _wait_idle(url, timeout=30.0) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        m = _metrics(url)
+        if m["omni_jax_num_requests_running"] == 0 and m["omni_jax_num_requests_waiting"] == 0:
+            return m
+        assert time.time() < deadline, f"requests still held: {m}"
+        time.sleep(0.1)
+
+
+def _open_streams(url, model, n, max_tokens=2000, talker=2000):
+    """Start n long streaming speech requests; returns (client, [(response, status)])."""
+    c = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=n + 2))
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
+            "temperature": 0.7, "seed": 1, "stream": True, "modalities": ["text", "audio"],
+            "audio": {"voice": "Ethan", "format": "pcm16"}, "talker_max_new_tokens": talker}
+
+    def start(_):
+        resp = c.send(c.build_request("POST", f"{url}/v1/chat/completions", json=body), stream=True)
+        if resp.status_code == 200:
+            next(resp.iter_lines())  # the role chunk: the request is in the engine
+        return resp
+
+    with cf.ThreadPoolExecutor(n) as pool:
+        return c, list(pool.map(start, range(n)))
+
+
+def test_disconnect_frees_slot_and_full_queue_answers_503(server, client, model_name):
+    url, _ = server
+    _wait_idle(url)
+    c, resps = _open_streams(url, model_name, MAX_SLOTS + MAX_QUEUE + 4)
+    try:
+        codes = [r.status_code for r in resps]
+        assert codes.count(200) >= MAX_SLOTS and 503 in codes, codes
+        full = next(r for r in resps if r.status_code == 503)
+        assert full.headers["retry-after"] == "1"
+        err = json.loads(full.read())["error"]
+        assert err["code"] == 503 and err["type"] == "ServiceUnavailableError"
+        m = _metrics(url)
+        assert m["omni_jax_num_requests_running"] == MAX_SLOTS
+    finally:
+        for r in resps:
+            r.close()  # clients go away mid-stream
+        c.close()
+    _wait_idle(url)
+    with cf.ThreadPoolExecutor(MAX_SLOTS) as pool:
+        outs = list(pool.map(lambda i: _chat(client, model_name, [{"role": "user", "content": QUESTION}], 3),
+                             range(MAX_SLOTS)))
+    assert all(o.choices[0].message.content for o in outs)
+
+
+def test_no_compilation_after_warmup(server, client, model_name, audio_file):
+    """Runs last: every request above (text, audio, speech, streaming, concurrent) ran without compiling."""
+    url, warm = server
+    _speech(client, model_name, _user(base64.b64encode(audio_file[1]).decode()), 5, stream=True)
+    m = _metrics(url)
+    assert m["omni_jax_compilations_total"] == warm
+    assert m["omni_jax_generation_tokens_total"] > 0 and m["omni_jax_audio_seconds_total"] > 0
+    assert m["omni_jax_time_to_first_audio_packet_seconds_count"] > 0
+
+
+def test_serve_bench_runs(server, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import serve_bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+    assert serve_bench.main(["--url", server[0], "--concurrency", "2", "--requests", "4", "--max-tokens", "4",
+                             "--talker-max-new-tokens", "6", "--audio-seconds", "0.5", "--json", str(out)]) == 0
+    level = json.loads(out.read_text())["levels"][0]
+    assert level["failed"] == 0 and level["ttft_s"]["n"] == 4 and level["ttfp_s"]["n"] == 2
+    assert level["rtf"]["mean"] > 0 and level["output_tokens_per_s"] > 0
