@@ -339,6 +339,26 @@ def test_no_compilation_after_warmup(server, client, model_name, audio_file):
     assert m["omni_jax_time_to_first_audio_packet_seconds_count"] > 0
 
 
+def test_web_page_in_headless_chromium(server):
+    """GET / in headless Chromium: a typed question auto-submitted by query parameters streams a text reply and
+    ends with an audio element holding the spoken reply (a WAV blob)."""
+    from headless_browser import Browser
+
+    url, _ = server
+    browser = Browser()
+    try:
+        tab = browser.open(f"{url}/?q=Hello%20there&speak=1&auto=1&max_tokens=6")
+        status = browser.wait_for(tab, "(s => s === 'done' || s.startsWith('error') ? s : '')"
+                                       "(document.getElementById('status').textContent)", timeout=120)
+        assert status == "done"
+        assert browser.evaluate(tab, "document.getElementById('reply').textContent")
+        wav_bytes = browser.evaluate(tab, "fetch(document.getElementById('reply-audio').src)"
+                                          ".then(r => r.arrayBuffer()).then(b => b.byteLength)")
+        assert wav_bytes > 44 + 2 * 1920  # header + at least one codec frame of samples
+    finally:
+        browser.close()
+
+
 def test_serve_bench_runs(server, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "bench"))
     try:

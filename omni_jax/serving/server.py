@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the serving engine, run by uvicorn (`omni-jax serve`).
 
 Routes: POST /v1/chat/completions (JSON reply or a text/event-stream), GET /v1/models, GET /health (503 until the
-engine is loaded and warm), GET /metrics (Prometheus text). The handlers only translate: a request body becomes an
+engine is loaded and warm), GET /metrics (Prometheus text), GET / (static/index.html: a page to ask by text or
+microphone and hear the streamed reply). The handlers only translate: a request body becomes an
 engine `Request` (omni_jax.serving.openai_api), the engine's events become reply JSON or SSE chunks. The engine is
 loaded and warmed in a background thread so the port answers /health at once.
 
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from omni_jax.errors import OmniJaxError
 from omni_jax.serving import openai_api as api
@@ -32,6 +34,7 @@ from omni_jax.serving.protocol import AudioChunk, Finished, QueueFull, RequestEr
 
 log = logging.getLogger("omni_jax.serve")
 RETRY_AFTER_S = "1"
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 
 
 def model_info(engine) -> api.ModelInfo:
@@ -160,6 +163,11 @@ def create_app(load: Callable[[], object], *, on_load_error: Callable[[BaseExcep
     @app.exception_handler(405)
     async def _bad_method(request, exc):
         return _json_error(405, f"method {request.method} is not allowed on {request.url.path}")
+
+    @app.get("/")
+    async def page():  # a page to try the model in a browser
+        with open(PAGE, encoding="utf-8") as f:
+            return HTMLResponse(f.read())
 
     @app.get("/health")
     async def health():
