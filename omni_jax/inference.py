@@ -63,8 +63,29 @@ class GenerationDefaults:
                    repetition_penalty=float(g.get("repetition_penalty") or 1.0),
                    max_new_tokens=int(g.get("max_new_tokens") or 256), eos_token_ids=eos)
 
+    def sampling(self, *, greedy=None, temperature=None, top_k=None, top_p=None, seed=0,
+                 repetition_penalty=None) -> SamplingParams:
+        """SamplingParams from these defaults and what is given (a warper given without greedy turns sampling
+        on)."""
+        do_sample = self.do_sample if greedy is None else not greedy
+        if temperature is not None or top_k is not None or top_p is not None:
+            do_sample = True if greedy is None else do_sample
+        return SamplingParams(greedy=not do_sample, temperature=self.temperature if temperature is None else temperature,
+                              top_k=self.top_k if top_k is None else top_k, top_p=self.top_p if top_p is None else top_p,
+                              repetition_penalty=self.repetition_penalty if repetition_penalty is None
+                              else repetition_penalty, seed=seed)
+
 
 SPEECH_PARTS = ("thinker", "talker", "code2wav")
+
+
+def speech_available(model_dir: str) -> bool:
+    """Whether a checkpoint directory has speech output (talker + code2wav)."""
+    try:
+        check_speech_available(model_dir)
+    except SpeechError:
+        return False
+    return os.path.exists(os.path.join(model_dir, "config.json")) or orbax_io.is_orbax_dir(model_dir)
 
 
 def check_speech_available(model_dir: str) -> None:

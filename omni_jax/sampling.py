@@ -109,3 +109,51 @@ def next_token(logits: jnp.ndarray, rng: jax.Array, params: SamplingParams, seen
     if params.greedy:
         return greedy(x)
     return sample_logits(x, rng, params.temperature, params.top_k, params.top_p)
+
+
+@dataclasses.dataclass
+class RowSampling:
+    """Per-row sampling parameters as arrays, so one compiled step serves any mix of requests.
+
+    greedy bool [B]; temperature, top_p, repetition_penalty float32 [B]; top_k int32 [B] (0: off)."""
+
+    greedy: jnp.ndarray
+    temperature: jnp.ndarray
+    top_k: jnp.ndarray
+    top_p: jnp.ndarray
+    repetition_penalty: jnp.ndarray
+
+
+jax.tree_util.register_dataclass(RowSampling, data_fields=["greedy", "temperature", "top_k", "top_p",
+                                                           "repetition_penalty"], meta_fields=[])
+
+
+def row_values(p: SamplingParams) -> dict:
+    """One row of RowSampling (host scalars) from SamplingParams."""
+    return dict(greedy=bool(p.greedy), temperature=float(p.temperature), top_k=int(p.top_k or 0),
+                top_p=float(1.0 if p.top_p is None else p.top_p), repetition_penalty=float(p.repetition_penalty))
+
+
+def next_token_rows(logits: jnp.ndarray, keys: jnp.ndarray, p: RowSampling, seen: jnp.ndarray | None = None,
+                    suppress: jnp.ndarray | None = None) -> jnp.ndarray:
+    """`next_token` with per-row parameters: logits float [B, V], keys [B] PRNG keys (one stream per row) -> int32
+    [B]. Same warper chain as `filter_logits` (temperature, top-k keeping ties, top-p keeping the largest) per row."""
+    x = logits.astype(jnp.float32)
+    if seen is not None:
+        pen = p.repetition_penalty[:, None]
+        x = jnp.where(seen & (pen != 1.0), jnp.where(x < 0, x * pen, x / pen), x)
+    if suppress is not None:
+        x = jnp.where(suppress, -jnp.inf, x)
+    argmax = greedy(x)
+    vocab = x.shape[-1]
+    y = x / jnp.where(p.greedy, 1.0, p.temperature)[:, None]
+    k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(-jnp.sort(-y, axis=-1), (k - 1)[:, None], axis=-1)
+    y = jnp.where(y < kth, -jnp.inf, y)
+    order = jnp.argsort(y, axis=-1)  # ascending, stable (as filter_logits)
+    cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(y, order, axis=-1), axis=-1), axis=-1)
+    remove_sorted = (cum <= 1.0 - p.top_p[:, None]).at[..., -1].set(False)
+    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1) & (p.top_p < 1.0)[:, None]
+    y = jnp.where(remove, -jnp.inf, y)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, y).astype(jnp.int32)
+    return jnp.where(p.greedy, argmax, drawn)

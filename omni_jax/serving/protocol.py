@@ -77,6 +77,11 @@ class Finished:
     num_codec_frames: int = 0
     audio_seconds: float = 0.0
     error: str | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # every generated id, a final stop id included
+    text: str = ""  # the whole reply text (what the TextDeltas added up to)
+    codes: np.ndarray | None = None  # speech: int32 [G, T] codec frames
+    codec_tokens: list[int] = dataclasses.field(default_factory=list)  # speech: every sampled codebook-0 id
+    codec_finished: bool = False  # speech: the talker sampled codec EOS
 
 
 Event = TextDelta | AudioChunk | Finished
@@ -90,10 +95,18 @@ class RequestHandle:
         self.request = request
         self._events: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
+        self._done = threading.Event()
 
     # engine side
     def put(self, event: Event) -> None:
         self._events.put(event)
+        if isinstance(event, Finished):
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """The engine has sent Finished (the client may not have read it yet)."""
+        return self._done.is_set()
 
     @property
     def cancelled(self) -> bool:

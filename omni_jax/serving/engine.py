@@ -1,0 +1,326 @@
+"""The thinker's compiled steps over a fixed number of decode slots (JetStream's prefill / insert / generate).
+
+No threads and no request bookkeeping here (scheduler.py does that); every step is a jitted function of arrays:
+
+- The KV cache holds `slots` rows of `context` positions per layer ([slots, context, kv_heads, head_dim]); a
+  request owns one row from admission to its end.
+- `prefill(slot, ids / embeds, start)`: T prompt tokens (T a power-of-two bucket, at most `prefill_chunk`) are
+  written into the slot's cache row at `start` and attend to what the row already holds, so a long prompt runs
+  as several chunks and the scheduler decodes the running requests between them (prefill and insert are one
+  step: the chunk's keys are written straight into the slot's row). Returns the logits at the chunk's last valid
+  token and, on request, hidden states (`collect`) of the chunk.
+- `insert(slot, ...)`: the slot's decode state (first token, cache index, rope delta, budget, sampling
+  parameters as data, PRNG key, repetition-penalty ids).
+- `decode()`: `chunk_steps` tokens for every slot in one `lax.fori_loop` with a static trip count: the loop
+  condition reads only the counter, so no device value goes to the host per token (on GPU the body can be one
+  captured graph). Finished rows are masked on the device (stop ids, budget); the host reads the chunk's tokens
+  and checks stop strings between chunks. Inactive rows still run (static shapes) and write only their
+  scratch position (context - 1, never read by a valid row).
+
+Every compiled shape is known up front: `warmup()` compiles prefill for each bucket (text and embeds variants)
+and the decode chunk, and `CompileCounter` counts XLA compilations so tests can assert none happens afterwards.
+
+A token at cache index n gets rope position n + delta on all three axes (reference §3). With `mesh=` the
+parameters sit at their rule shardings, every step runs under the mesh and the cache is sharded over slots and
+KV heads (omni_jax/sharding.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omni_jax import sharding as S
+from omni_jax.generate import bucket
+from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_values
+
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+class CompileCounter:
+    """Counts XLA backend compilations in this process (jax.monitoring), optionally only on one thread."""
+
+    _lock = threading.Lock()
+    _counts: dict = {}
+    _installed = False
+
+    def __init__(self):
+        with CompileCounter._lock:
+            if not CompileCounter._installed:
+                jax.monitoring.register_event_duration_secs_listener(CompileCounter._on_event)
+                CompileCounter._installed = True
+
+    @staticmethod
+    def _on_event(event: str, duration: float, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            tid = threading.get_ident()
+            with CompileCounter._lock:
+                CompileCounter._counts[tid] = CompileCounter._counts.get(tid, 0) + 1
+                CompileCounter._counts[None] = CompileCounter._counts.get(None, 0) + 1
+
+    @staticmethod
+    def count(thread_id: int | None = None) -> int:
+        """Compilations so far on thread `thread_id` (None: all threads)."""
+        return CompileCounter._counts.get(thread_id, 0)
+
+
+def empty_cache(cfg, batch: int, length: int, dtype) -> list:
+    """Zero KV cache: per layer (k, v) of [batch, length, kv_heads, head_dim] (thinker and talker configs)."""
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return [(S.constrain(jnp.zeros(shape, dtype), CACHE_AXES), S.constrain(jnp.zeros(shape, dtype), CACHE_AXES))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+def cache_mask(start: jnp.ndarray, t: int, s: int) -> jnp.ndarray:
+    """bool [B, T, S]: query t of row b sits at cache index start[b] + t and sees indices <= that (causal over
+    what the row's cache holds). The one place the engines build attention masks."""
+    return jnp.arange(s)[None, None, :] <= (start[:, None, None] + jnp.arange(t)[None, :, None])
+
+
+def take_row(cache: list, slot) -> list:
+    """One slot's rows [1, S, KV, D] of a slot cache."""
+    return [tuple(jax.lax.dynamic_slice_in_dim(c, slot, 1, 0) for c in kv) for kv in cache]
+
+
+def put_row(cache: list, row: list, slot) -> list:
+    return [tuple(S.constrain(jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 0), CACHE_AXES)
+                  for c, r in zip(kv, rkv)) for kv, rkv in zip(cache, row)]
+
+
+def replicated(tree):
+    """Pin arrays the host reads back to be replicated under the active mesh (identity without one)."""
+    return jax.tree.map(lambda a: S.constrain(a, (None,) * a.ndim), tree)
+
+
+def place_params(module, mesh, rules, what: str, text_config):
+    """(graphdef, state) of a module with the state at its rule shardings on `mesh` (unchanged without one)."""
+    graphdef, state = nnx.split(module)
+    if mesh is not None:
+        S.check_model_fits(mesh, [(what, text_config)])
+        state = jax.device_put(state, S.named_shardings(state, mesh, rules))
+    return graphdef, state
+
+
+def prefill_buckets(chunk: int, minimum: int = 16) -> list[int]:
+    out, b = [], minimum
+    while b < chunk:
+        out.append(b)
+        b *= 2
+    return out + [chunk]
+
+
+def split_chunks(n: int, chunk: int) -> list[tuple[int, int, int]]:
+    """A prompt of n tokens as prefill chunks (start, valid, bucketed length): full chunks, then the rest."""
+    out, start = [], 0
+    while start < n:
+        valid = min(chunk, n - start)
+        out.append((start, valid, bucket(valid) if valid < chunk else chunk))
+        start += valid
+    return out
+
+
+def slot_state(slots: int, vocab: int, context: int) -> dict:
+    """Per-slot decode state (host numpy; `ThinkerSlots` keeps it on the device)."""
+    return dict(tok=np.zeros(slots, np.int32), idx=np.full(slots, context - 1, np.int32),
+                delta=np.zeros(slots, np.float32), active=np.zeros(slots, bool), remaining=np.zeros(slots, np.int32),
+                key=np.zeros((slots, 2), np.uint32), count=np.zeros(slots, np.int32),
+                seen=np.zeros((slots, vocab), bool),
+                sampling=RowSampling(np.ones(slots, bool), np.ones(slots, np.float32), np.zeros(slots, np.int32),
+                                     np.ones(slots, np.float32), np.ones(slots, np.float32)))
+
+
+def _set_row(tree: dict, slot, row: dict) -> dict:
+    """tree[name][slot] = row[name] for every field (jit-side)."""
+    out = dict(tree)
+    for name, value in row.items():
+        if name == "sampling":
+            out[name] = RowSampling(**{f.name: getattr(tree[name], f.name).at[slot].set(value[f.name])
+                                       for f in dataclasses.fields(RowSampling)})
+        else:
+            out[name] = tree[name].at[slot].set(value)
+    return out
+
+
+class ThinkerSlots:
+    """Compiled thinker steps over `slots` decode slots of `context` cache positions each.
+
+    thinker: the Thinker module; stop_ids: ids that end a reply (im_end + generation_config eos);
+    chunk_steps: decode steps per host round trip; prefill_chunk: longest prefill piece (power of two);
+    collect: thinker hidden-state indices the prefill can return (the talker's accept layer)."""
+
+    def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
+                 prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
+                 moe_impl: str = "auto", cache_dtype=None):
+        self.cfg = thinker.cfg.text_config
+        self.mesh, self.rules = mesh, S.get_rules(rules)
+        self.graphdef, self.state = place_params(thinker, mesh, self.rules, "thinker", self.cfg)
+        self.dtype = jax.tree.leaves(self.state)[0].dtype
+        self.cache_dtype = cache_dtype or self.dtype
+        self.slots, self.chunk_steps, self.moe_impl = slots, chunk_steps, moe_impl
+        self.prefill_chunk = min(bucket(prefill_chunk), bucket(context))
+        self.context = -(-context // self.prefill_chunk) * self.prefill_chunk  # chunks never run past the end
+        self.collect = tuple(sorted(set(collect)))
+        self.stop_ids = np.array(sorted(set(stop_ids)) or [-1], np.int32)
+        self.vocab = self.cfg.vocab_size
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("has_embeds", "has_deepstack"),
+                                donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2))
+        self._insert = jax.jit(_set_row, donate_argnums=(0,))
+        self._embed_ids = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
+        self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
+        with self.on_mesh():
+            self.cache = jax.jit(lambda: empty_cache(self.cfg, slots, self.context, self.cache_dtype))()
+            self.dstate = self.put(slot_state(slots, self.vocab, self.context))
+
+    def on_mesh(self):
+        return S.on_mesh(self.mesh, self.rules)
+
+    def put(self, tree):
+        """Host values -> device (replicated over the mesh when there is one)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda x: S.put_global(np.asarray(x), self.mesh), tree)
+
+    # -- compiled steps ------------------------------------------------------------------------------------
+    def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):
+        model = nnx.merge(self.graphdef, state)
+        return model.input_embeddings(ids, audio=audio, image=None if image_px is None else (image_px, image_grid),
+                                      video=None if video_px is None else (video_px, video_grid))
+
+    def _prefill_impl(self, state, cache, slot, start, ids, embeds, positions, last, deepstack, *,
+                      has_embeds: bool, has_deepstack: bool):
+        """ids int [1, T] (or embeds [1, T, H] when has_embeds), positions float32 [3, 1, T], start / last int
+        scalars (cache index of the chunk's first token; index in the chunk of its last valid token) ->
+        (logits [V] at `last`, cache, {i: hidden [T, H]} for self.collect)."""
+        model = nnx.merge(self.graphdef, state)
+        x = embeds.astype(self.dtype) if has_embeds else model.embed(ids)
+        x = S.constrain(x, ("batch", "seq", None))
+        t = x.shape[1]
+        begin = jnp.reshape(start, (1,))
+        row = take_row(cache, slot)
+        hidden, row, aux = model.model(x, positions, cache_mask(begin, t, self.context), cache=row,
+                                       cache_start=begin, deepstack=deepstack if has_deepstack else None,
+                                       collect_hidden=self.collect, moe_impl=self.moe_impl)
+        cache = put_row(cache, row, slot)
+        logits = model.logits(jax.lax.dynamic_index_in_dim(hidden[0], last, 0, keepdims=False))
+        return replicated(logits), cache, replicated({i: h[0] for i, h in aux["hidden"].items()})
+
+    def _decode_impl(self, state, cache, ds):
+        """chunk_steps decode steps for every slot. Returns (cache, ds, tokens int [slots, K], emitted bool
+        [slots, K]): row b produced tokens[b, i] at step i iff emitted[b, i]."""
+        model = nnx.merge(self.graphdef, state)
+        b, k = self.slots, self.chunk_steps
+        rows = jnp.arange(b)
+        stop = jnp.asarray(self.stop_ids)
+
+        def body(i, carry):
+            cache, ds, out, emitted = carry
+            act = ds["active"]
+            idx = jnp.where(act, ds["idx"], self.context - 1)
+            x = model.embed(ds["tok"][:, None])
+            pos = jnp.broadcast_to((idx.astype(jnp.float32) + ds["delta"])[None, :, None], (3, b, 1))
+            hidden, cache, _ = model.model(x, pos, cache_mask(idx, 1, self.context), cache=cache, cache_start=idx,
+                                           moe_impl=self.moe_impl)
+            logits = model.logits(hidden[:, 0])
+            keys = jax.vmap(jax.random.fold_in)(ds["key"], ds["count"])
+            nxt = next_token_rows(logits, keys, ds["sampling"], seen=ds["seen"])
+            done = jnp.isin(nxt, stop) | (ds["remaining"] <= 1)
+            ds = dict(ds, tok=jnp.where(act, nxt, ds["tok"]), idx=ds["idx"] + act, remaining=ds["remaining"] - act,
+                      count=ds["count"] + act, active=act & ~done,
+                      seen=ds["seen"].at[rows, nxt].set(ds["seen"][rows, nxt] | act))
+            return cache, ds, out.at[:, i].set(jnp.where(act, nxt, -1)), emitted.at[:, i].set(act)
+
+        out = jnp.full((b, k), -1, jnp.int32)
+        emitted = jnp.zeros((b, k), bool)
+        cache, ds, out, emitted = jax.lax.fori_loop(0, k, body, (cache, ds, out, emitted))
+        return cache, ds, replicated(out), replicated(emitted)
+
+    # -- host wrappers ---------------------------------------------------------------------------------------
+    def prefill(self, slot: int, start: int, positions: np.ndarray, *, ids: np.ndarray | None = None,
+                embeds: np.ndarray | None = None, deepstack=None, last: int):
+        """One prefill chunk into `slot` (see _prefill_impl); ids int [T] or embeds [T, H], positions [3, T]."""
+        t = (ids if embeds is None else embeds).shape[0]
+        ids = np.zeros((1, t), np.int32) if ids is None else np.asarray(ids, np.int32)[None]
+        with self.on_mesh():
+            logits, self.cache, hidden = self._prefill(
+                self.state, self.cache, np.int32(slot), np.int32(start), self.put(ids),
+                None if embeds is None else self.put(np.asarray(embeds)[None]),
+                self.put(np.asarray(positions, np.float32)[:, None]), np.int32(last),
+                None if deepstack is None else [self.put(np.asarray(d)[None]) for d in deepstack],
+                has_embeds=embeds is not None, has_deepstack=deepstack is not None)
+        return logits, hidden
+
+    def insert(self, slot: int, *, tok: int, idx: int, delta: float, remaining: int, seed: int, count: int,
+               sampling: SamplingParams, seen: np.ndarray | None = None):
+        """Start decoding `slot`: `tok` (already sampled) is fed at cache index `idx`; `remaining` more tokens
+        may be produced. seen bool [V]: ids the repetition penalty treats as seen (prompt + first token)."""
+        row = dict(tok=np.int32(tok), idx=np.int32(idx), delta=np.float32(delta), active=remaining > 0,
+                   remaining=np.int32(remaining), key=np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))),
+                   count=np.int32(count), seen=np.zeros(self.vocab, bool) if seen is None else seen,
+                   sampling=row_values(sampling))
+        with self.on_mesh():
+            self.dstate = self._insert(self.dstate, np.int32(slot), self.put(row))
+
+    def deactivate(self, slot: int):
+        with self.on_mesh():
+            self.dstate = self._insert(self.dstate, np.int32(slot), self.put(dict(active=False)))
+
+    def decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run one decode chunk: (tokens int [slots, K], emitted bool [slots, K], still active bool [slots])."""
+        with self.on_mesh():
+            self.cache, self.dstate, out, emitted = self._decode(self.state, self.cache, self.dstate)
+        return np.asarray(out), np.asarray(emitted), np.asarray(self.dstate["active"])
+
+    def first_token(self, logits, sampling: SamplingParams, seed: int, seen: np.ndarray | None) -> int:
+        """The token sampled from prefill logits (row key `seed`, draw 0; the decode loop continues from draw 1)."""
+        with self.on_mesh():
+            return int(self._first(logits, np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))),
+                                   self.put(row_values(sampling)),
+                                   self.put(np.zeros(self.vocab, bool) if seen is None else seen)))
+
+    @staticmethod
+    @jax.jit
+    def _first(logits, key, row, seen):
+        p = RowSampling(**{k: jnp.asarray(v)[None] for k, v in row.items()})
+        return next_token_rows(logits[None], jax.random.fold_in(key, 0)[None], p, seen=seen[None])[0]
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Input embeddings of int ids [N] -> float32 [N, H] (bucketed length)."""
+        n = len(ids)
+        padded = np.zeros((1, bucket(max(n, 1))), np.int32)
+        padded[0, :n] = ids
+        with self.on_mesh():
+            return np.asarray(self._embed_ids(self.state, self.put(padded))[0, :n], np.float32)
+
+    def media_embeds(self, ids: list[int], audio=None, image=None, video=None):
+        """Merged input embeddings and DeepStack features of one multimodal prompt: (float [L, H], [[L, H]] or
+        None). Encoders run at the prompt's bucketed length; image / video grids are static (one compile per grid
+        shape)."""
+        n = len(ids)
+        padded = np.zeros((1, bucket(n)), np.int32)
+        padded[0, :n] = ids
+        with self.on_mesh():
+            embeds, deepstack = self._mm_embed(
+                self.state, self.put(padded), None if audio is None else tuple(self.put(a) for a in audio),
+                None if image is None else self.put(image[0]), None if image is None else image[1],
+                None if video is None else self.put(video[0]), None if video is None else video[1])
+        embeds = np.asarray(embeds[0, :n])
+        return embeds, None if deepstack is None else [np.asarray(d[0, :n]) for d in deepstack]
+
+    def warmup(self, speech: bool = False):
+        """Compile every prefill bucket (ids and embeds variants), insert and the decode chunk, on scratch slot 0
+        (left inactive)."""
+        for t in prefill_buckets(self.prefill_chunk):
+            pos = np.zeros((3, t), np.float32)
+            for embeds in (None, np.zeros((t, self.cfg.hidden_size), np.float32)):
+                logits, _ = self.prefill(0, 0, pos, ids=np.zeros(t, np.int32), embeds=embeds, last=0)
+                self.first_token(logits, SamplingParams(), 0, None)
+        self.insert(0, tok=0, idx=0, delta=0.0, remaining=0, seed=0, count=1, sampling=SamplingParams())
+        self.deactivate(0)
+        self.decode()
+        self.embed_tokens(np.zeros(1, np.int32))
