@@ -97,7 +97,8 @@ def _add_serve(sub):
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond it the server "
                                                              "answers 503 with Retry-After")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--no-speech", action="store_true", help="do not load the talker / code2wav (text replies only)")
+    p.add_argument("--no-speech", action="store_true", help="do not load the talker / code2wav (text replies only; "
+                                                             "default: speech when the checkpoint has it)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
 
 
@@ -220,21 +221,11 @@ def _add_train(sub):
 def cmd_serve(a) -> int:
     from omni_jax.serving.server import serve
 
-    speech = not a.no_speech
-    if speech:
-        from omni_jax.inference import check_speech_available
-        from omni_jax.speech import SpeechError
-
-        try:
-            check_speech_available(a.model)
-        except SpeechError:
-            speech = False
-
-    def load():
-        from omni_jax.serving.engine import Engine
+    def load():  # runs in the server's loading thread; the server warms the engine up before starting it
+        from omni_jax.serving.scheduler import Engine
 
         return Engine.from_dir(a.model, dtype=a.dtype, mesh=a.mesh, rules=a.rules, max_slots=a.max_slots,
-                               max_queue=a.max_queue, speech=speech)
+                               max_queue=a.max_queue, speech=False if a.no_speech else None, warmup=False)
 
     return serve(load, host=a.host, port=a.port, log_level=a.log_level)
 

@@ -72,11 +72,12 @@ def bad(message: str, param: str | None = None) -> ApiError:
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What request validation needs to know about the served model. speakers: lower-case voice names, or None
-    when the model has no speech output. defaults: omni_jax.inference.GenerationDefaults (None = greedy)."""
+    when the model has no speech output. defaults: omni_jax.inference.GenerationDefaults (its `sampling()` builds
+    SamplingParams from the request's values)."""
 
     name: str
     speakers: tuple[str, ...] | None
-    defaults: object | None = None
+    defaults: object
 
 
 @dataclasses.dataclass
@@ -238,8 +239,9 @@ def _parse_messages(msgs, media: _MediaWriter) -> list:
 
 
 def _sampling(body: dict, defaults):
-    """(thinker SamplingParams or None for the model's defaults, talker SamplingParams or None)."""
-    from omni_jax.sampling import SamplingError, SamplingParams
+    """(thinker SamplingParams or None for the model's defaults, talker SamplingParams or None).
+    defaults: omni_jax.inference.GenerationDefaults."""
+    from omni_jax.sampling import SamplingError
 
     temperature = _typed(body, "temperature", (int, float), "a number")
     top_p = _typed(body, "top_p", (int, float), "a number")
@@ -256,15 +258,10 @@ def _sampling(body: dict, defaults):
     from omni_jax.speech import talker_sampling
 
     greedy = temperature == 0
-    d_sample = getattr(defaults, "do_sample", False)
-    do_sample = not greedy and (d_sample or temperature is not None or top_p is not None or top_k is not None)
     try:
-        params = SamplingParams(
-            greedy=not do_sample,
-            temperature=float(temperature) if temperature else float(getattr(defaults, "temperature", 1.0)),
-            top_k=(0 if top_k == -1 else top_k) if top_k is not None else getattr(defaults, "top_k", None),
-            top_p=float(top_p) if top_p is not None else getattr(defaults, "top_p", None),
-            repetition_penalty=getattr(defaults, "repetition_penalty", 1.0), seed=int(seed or 0))
+        params = defaults.sampling(greedy=True if greedy else None, temperature=float(temperature) if temperature
+                                   else None, top_k=None if top_k is None else max(top_k, 0),
+                                   top_p=None if top_p is None else float(top_p), seed=int(seed or 0))
     except SamplingError as e:
         raise bad(str(e)) from e
     # temperature 0 makes the whole reply deterministic (talker and code predictor greedy too), as

@@ -39,15 +39,12 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index
 
 def model_info(engine) -> api.ModelInfo:
     """Validation facts from an engine: its name, voices (None without speech) and generation defaults."""
-    speakers = getattr(engine, "speakers", None)
-    if speakers is None and getattr(engine, "speech", False):
-        speakers = engine.cfg.talker_config.speakers
-    return api.ModelInfo(engine.model_name, api.valid_speakers(speakers), getattr(engine, "defaults", None))
+    speakers = engine.cfg.talker_config.speakers if engine.speech is not None else None
+    return api.ModelInfo(engine.model_name, api.valid_speakers(speakers), engine.defaults)
 
 
-def _stat(stats, key: str) -> int:
-    v = stats.get(key, 0) if isinstance(stats, dict) else getattr(stats, key, 0)
-    return int(v or 0)
+def _stat(stats: dict, key: str) -> int:
+    return int(stats.get(key) or 0)
 
 
 class ServerState:
@@ -66,8 +63,8 @@ class ServerState:
     def load_engine(self) -> None:
         try:
             engine = self.load()
-            engine.start()
             engine.warmup()
+            engine.start()
             self.info = model_info(engine)
             self.engine = engine
             self.ready = True
@@ -132,8 +129,8 @@ def _bridge(handle, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
 
 
 def create_app(load: Callable[[], object], *, on_load_error: Callable[[BaseException], None] | None = None):
-    """The FastAPI app. `load()` returns an engine (not yet started); it runs in a background thread at start-up,
-    followed by engine.start() and engine.warmup()."""
+    """The FastAPI app. `load()` returns an engine (omni_jax.serving.scheduler.Engine, not yet started); it runs in
+    a background thread at start-up, followed by engine.warmup() and engine.start()."""
     state = ServerState(load, on_load_error)
 
     @contextlib.asynccontextmanager
@@ -186,7 +183,7 @@ def create_app(load: Callable[[], object], *, on_load_error: Callable[[BaseExcep
     async def metrics():
         eng = state.engine
         stats = eng.stats() if eng is not None else {}
-        text = state.metrics.render(queue_depth=_stat(stats, "queue_depth"), running=_stat(stats, "running"),
+        text = state.metrics.render(queue_depth=_stat(stats, "waiting"), running=_stat(stats, "running"),
                                     compilations=getattr(eng, "compilations", None), ready=state.ready)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
