@@ -30,6 +30,9 @@ def _add_generate(sub):
     p.add_argument("--talker-max-new-tokens", type=int, default=4096,
                    help="for --speak: at most this many codec tokens are sampled; without codec EOS N tokens give "
                         "N-1 frames of 80 ms (as transformers' talker_max_new_tokens)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the text as it is generated; with --speak, write the wav chunk by chunk as Code2Wav "
+                        "produces it and print each chunk's arrival time to stderr")
     p.add_argument("--use-audio-in-video", action="store_true",
                    help="also feed each video's audio track, interleaved with its frames by time (videos must be "
                         "containers with an audio stream)")
@@ -123,6 +126,8 @@ def cmd_generate(a) -> int:
     session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None, mesh=a.mesh, rules=a.rules)
     sampling = session.sampling(greedy=True if a.greedy else None, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed)
+    if getattr(a, "stream", False):
+        return _stream(a, session, messages, sampling)
     if a.speak is not None:
         return _speak(a, session, messages, sampling)
     out = session.generate(messages, max_new_tokens=a.max_new_tokens, sampling=sampling,
@@ -151,6 +156,55 @@ def _speak(a, session, messages, sampling) -> int:
     else:
         print(out["text"])
         print(f"wrote {out['num_codec_frames']} codec frames of speech to {a.speak}", file=sys.stderr)
+    return 0
+
+
+def _stream(a, session, messages, sampling) -> int:
+    """`generate --stream`: text deltas to stdout as they come; with --speak each audio chunk is appended to the
+    wav file (flushed) and its arrival time printed to stderr."""
+    import time
+
+    import soundfile
+
+    from omni_jax.errors import OmniJaxError
+    from omni_jax.serving.protocol import AudioChunk, Finished, Request, TextDelta
+    from omni_jax.speech import SAMPLE_RATE, talker_sampling
+
+    speak = a.speak is not None
+    req = Request(messages, max_new_tokens=a.max_new_tokens, sampling=sampling,
+                  use_audio_in_video=a.use_audio_in_video, speech=speak, speaker=a.speaker,
+                  talker_max_new_tokens=a.talker_max_new_tokens, talker_sampling=talker_sampling(greedy=a.greedy,
+                                                                                                 seed=a.seed))
+    wav = soundfile.SoundFile(a.speak, "w", SAMPLE_RATE, 1, subtype="FLOAT") if speak else None
+    t0, n_chunks, fin = time.monotonic(), 0, None
+    try:
+        for ev in session.stream(req):
+            if isinstance(ev, TextDelta) and not a.json:
+                print(ev.text, end="", flush=True)
+            elif isinstance(ev, AudioChunk):
+                wav.write(ev.samples)
+                wav.flush()
+                n_chunks += 1
+                print(f"audio chunk {n_chunks}: {len(ev.samples)} samples ({ev.num_codec_frames} codec frames so far) "
+                      f"at {time.monotonic() - t0:.3f} s", file=sys.stderr, flush=True)
+            elif isinstance(ev, Finished):
+                fin = ev
+    finally:
+        if wav is not None:
+            wav.close()
+    if fin.finish_reason == "error":
+        raise OmniJaxError(fin.error)
+    out = {"prompt_token_ids": fin.prompt_ids, "token_ids": fin.token_ids, "text": fin.text,
+           "finish_reason": fin.finish_reason}
+    if speak:
+        out.update(audio_path=a.speak, num_codec_frames=fin.num_codec_frames)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print()
+        if speak:
+            print(f"wrote {fin.num_codec_frames} codec frames of speech to {a.speak} in {n_chunks} chunks",
+                  file=sys.stderr)
     return 0
 
 

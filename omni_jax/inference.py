@@ -1,9 +1,10 @@
 """From a model directory and a messages file to generated text: what `omni-jax generate` runs.
 
 `OmniSession` loads the model once (HF directory or Orbax checkpoint), the tokenizer, chat template and
-processor settings, and the generation defaults from generation_config.json; `generate()` turns a list of
-messages into a prompt (placeholders expanded), runs the thinker and returns ids and text. With `speech=True` the
-talker and code2wav are loaded too, and `speak()` / `stream_speech()` add the spoken reply (omni_jax.speech).
+processor settings, and the generation defaults from generation_config.json, into one serving engine
+(omni_jax.serving.Engine, the same one `omni-jax serve` runs); `generate()` turns a list of messages into a
+request and returns ids and text. With `speech=True` the talker and code2wav are loaded too, and `speak()` /
+`stream_speech()` add the spoken reply.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import numpy as np
 
 from omni_jax.checkpoint import hf as hf_io
 from omni_jax.checkpoint import orbax_io
-from omni_jax.generate import GenerationError, PromptBatch, ThinkerGenerator, text_prompt_batch
+from omni_jax.errors import OmniJaxError
 from omni_jax.processing.tokenizer import Tokenizer
 from omni_jax.prompt import ThinkerPrompt, prepare_thinker_prompt
 from omni_jax.sampling import SamplingParams
-from omni_jax.speech import SpeechError, SpeechGenerator, speaker_id
+from omni_jax.speech import SpeechError, speaker_id
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -106,13 +107,18 @@ def check_speech_available(model_dir: str) -> None:
 
 
 class OmniSession:
-    """speech=True loads the talker and code2wav as well (only then can `speak` / `stream_speech` run).
+    """A blocking client of one serving engine (omni_jax.serving.Engine), built from a model directory.
+
+    speech=True loads the talker and code2wav as well (only then can `speak` / `stream_speech` run).
     mesh: a mesh spec string ("data=2,expert=4", see omni_jax.sharding.make_mesh) or a Mesh: every loaded part
     (thinker, and with speech the talker and code2wav) is loaded at its shardings (`rules`: a preset name of
-    omni_jax.sharding.RULE_PRESETS) and runs on that mesh."""
+    omni_jax.sharding.RULE_PRESETS) and runs on that mesh. max_slots: requests decoded together (speak_batch
+    runs up to that many at once). Steps compile on first use (`engine.warmup()` compiles them all)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", parts=("thinker",), speech: bool = False,
-                 mesh=None, rules: str = "default"):
+                 mesh=None, rules: str = "default", max_slots: int = 4, max_context: int | None = None, **engine_kw):
+        from omni_jax.serving.scheduler import Engine
+
         self.model_dir = model_dir
         if mesh is not None:
             from omni_jax import sharding
@@ -125,179 +131,178 @@ class OmniSession:
         self.model, self.cfg = load_model(model_dir, dtype=dtype, parts=parts, mesh=mesh, rules=rules)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.defaults = GenerationDefaults.from_dir(model_dir)
-        self.generator = ThinkerGenerator(self.model.thinker, mesh=mesh, rules=rules)
-        self.speech = (SpeechGenerator(self.cfg, self.model.thinker, self.model.talker, self.model.code2wav,
-                                       mesh=mesh, rules=rules) if speech else None)
+        self.engine = Engine(self.model, self.cfg, self.tokenizer, self.defaults,
+                             model_name=os.path.basename(os.path.normpath(model_dir)), max_slots=max_slots,
+                             max_context=max_context, speech=speech, mesh=mesh, rules=rules, **engine_kw)
+        self.speech = self.engine.speech
 
     def stop_ids(self) -> tuple[int, ...]:
-        return tuple(dict.fromkeys((self.cfg.im_end_token_id, *self.defaults.eos_token_ids)))
+        return self.engine.stop_ids
 
-    def sampling(self, *, greedy=None, temperature=None, top_k=None, top_p=None, seed=0,
-                 repetition_penalty=None) -> SamplingParams:
-        d = self.defaults
-        do_sample = d.do_sample if greedy is None else not greedy
-        if temperature is not None or top_k is not None or top_p is not None:
-            do_sample = True if greedy is None else do_sample
-        return SamplingParams(greedy=not do_sample, temperature=d.temperature if temperature is None else temperature,
-                              top_k=d.top_k if top_k is None else top_k, top_p=d.top_p if top_p is None else top_p,
-                              repetition_penalty=d.repetition_penalty if repetition_penalty is None
-                              else repetition_penalty, seed=seed)
+    def sampling(self, **kw) -> SamplingParams:
+        """SamplingParams from generation_config.json's defaults and the given greedy / temperature / top_k /
+        top_p / seed / repetition_penalty."""
+        return self.defaults.sampling(**kw)
 
     def prompt(self, messages, *, use_audio_in_video: bool = False) -> ThinkerPrompt:
         return prepare_thinker_prompt(self.tokenizer, self.cfg, messages, use_audio_in_video=use_audio_in_video)
 
-    def _run_thinker(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None,
-                     use_audio_in_video: bool = False, collect_hidden: tuple[int, ...] = ()):
-        prompt = self.prompt(messages, use_audio_in_video=use_audio_in_video)
-        ids = prompt.input_ids
-        max_new = max_new_tokens or self.defaults.max_new_tokens
-        sampling = sampling or self.sampling()
-        if not ids:
-            raise GenerationError("the prompt is empty")
-        # Before any encoder runs: a long audio or video can make the prompt longer than the context.
-        self.generator.check_context(len(ids), max_new, "prompt (after media placeholders)")
-        if prompt.has_media:
-            batch = self.generator.multimodal_batch(ids, prompt.positions, prompt.delta, audio=prompt.audio,
-                                                    image=prompt.image, video=prompt.video)
-        else:
-            batch = text_prompt_batch([ids])
-        res = self.generator.generate(batch, max_new_tokens=max_new, sampling=sampling, stop_ids=self.stop_ids(),
-                                      collect_hidden=collect_hidden)
-        return prompt, batch, res
+    def request(self, messages, **kw):
+        from omni_jax.serving.protocol import Request
+
+        return Request(messages, **kw)
+
+    def _run(self, requests) -> list[list]:
+        """Submit requests (validated first, all before any runs) and return their events; an error event raises."""
+        from omni_jax.serving.protocol import Finished
+
+        handles = [self.engine.submit(r) for r in requests]
+        out = self.engine.drive(handles)
+        for events in out:
+            fin = events[-1]
+            if isinstance(fin, Finished) and fin.finish_reason == "error":
+                raise OmniJaxError(fin.error)
+        return out
 
     def generate(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None,
                  use_audio_in_video: bool = False) -> dict:
-        prompt, _, res = self._run_thinker(messages, max_new_tokens=max_new_tokens, sampling=sampling,
-                                           use_audio_in_video=use_audio_in_video)
-        return self._text_result(prompt.input_ids, res.token_ids[0])
+        fin = self._run([self.request(messages, max_new_tokens=max_new_tokens, sampling=sampling,
+                                      use_audio_in_video=use_audio_in_video)])[0][-1]
+        return self._text_result(fin)
 
-    def _text_result(self, ids, out) -> dict:
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        return {"prompt_token_ids": [int(i) for i in ids], "token_ids": [int(i) for i in out], "text": text}
+    def stream(self, request):
+        """Yield the engine's events (TextDelta, AudioChunk, Finished) of one Request as they come."""
+        handle = self.engine.submit(request)
+        if self.engine._thread is None:
+            while not handle.done:
+                self.engine.step()
+                yield from _drain(handle)
+            yield from _drain(handle)
+        else:
+            yield from handle.events()
+
+    def _text_result(self, fin) -> dict:
+        return {"prompt_token_ids": [int(i) for i in fin.prompt_ids], "token_ids": [int(i) for i in fin.token_ids],
+                "text": self.tokenizer.decode(fin.token_ids, skip_special_tokens=True)}
 
     # -- speech ----------------------------------------------------------------------------------------------
-    def _require_speech(self, speaker: str) -> SpeechGenerator:
+    def _require_speech(self, speaker: str):
         if self.speech is None:
             raise SpeechError("this session was opened without speech output (OmniSession(..., speech=True))")
         speaker_id(self.cfg, speaker)  # fail on an unknown speaker before running the thinker
         return self.speech
 
+    def _talker_inputs(self, fin, prompt: ThinkerPrompt):
+        """(hidden_embed, hidden_accept) rows of a finished thinker run (return_hidden): the prompt's, then the
+        fed-back generated tokens' input embeddings (the accept layer is only read at prompt rows: zeros)."""
+        k = self.cfg.talker_config.accept_hidden_layer
+        fed = self.engine.thinker.embed_tokens(np.asarray(fin.token_ids[:-1], np.int32))
+        emb = np.concatenate([fin.hidden[0], fed])
+        acc = np.concatenate([fin.hidden[k], np.zeros_like(fed)])
+        return emb, acc
+
+    @staticmethod
+    def _media(p: ThinkerPrompt) -> dict:
+        return dict(audio_seqlens=None if p.audio is None else [int(f) for f in p.audio[1]],
+                    image_grid=None if p.image is None else list(p.image[1]),
+                    video_grid=None if p.video is None else list(p.video[1]),
+                    second_per_grids=list(p.video_second_per_grid) or None)
+
     def talker_prompt(self, messages, *, speaker: str = "Ethan", max_new_tokens=None,
                       sampling: SamplingParams | None = None):
         """Run the thinker and build the talker's prompt: (text result dict, omni_jax.speech.TalkerPrompt)."""
         speech = self._require_speech(speaker)
-        k = self.cfg.talker_config.accept_hidden_layer
-        prompt, batch, res = self._run_thinker(messages, max_new_tokens=max_new_tokens, sampling=sampling,
-                                               collect_hidden=(0, k))
-        n_prompt, padded = len(prompt.input_ids), batch.input_ids.shape[1]
-        gen = res.token_ids[0]
+        prompt = self.prompt(messages)
+        fin = self._run([self.request(messages, max_new_tokens=max_new_tokens, sampling=sampling,
+                                      return_hidden=True)])[0][-1]
+        emb, acc = self._talker_inputs(fin, prompt)
+        tp = speech.talker_prompt(prompt.input_ids, fin.token_ids, emb, acc, speaker=speaker, **self._media(prompt))
+        return self._text_result(fin), tp
 
-        def rows(h):  # prompt rows (the prompt is bucket-padded to `padded`), then the fed-back generated tokens
-            return np.concatenate([h[0, :n_prompt], h[0, padded:padded + len(gen) - 1]])
+    def _speech_request(self, messages, speaker, max_new_tokens, sampling, talker_max_new_tokens, talker,
+                        stream_audio):
+        from omni_jax.speech import talker_sampling
 
-        tp = speech.talker_prompt(
-            prompt.input_ids, gen, rows(res.hidden[0]), rows(res.hidden[k]), speaker=speaker,
-            audio_seqlens=None if prompt.audio is None else [int(f) for f in prompt.audio[1]],
-            image_grid=None if prompt.image is None else list(prompt.image[1]),
-            video_grid=None if prompt.video is None else list(prompt.video[1]),
-            second_per_grids=list(prompt.video_second_per_grid) or None)
-        return self._text_result(prompt.input_ids, gen), tp
+        return self.request(messages, max_new_tokens=max_new_tokens, sampling=sampling, speech=True,
+                            speaker=speaker, talker_max_new_tokens=talker_max_new_tokens,
+                            talker_sampling=talker or talker_sampling(), stream_audio=stream_audio)
 
     def speak(self, messages, *, speaker: str = "Ethan", max_new_tokens=None, sampling: SamplingParams | None = None,
               talker_max_new_tokens: int = 4096, talker: SamplingParams | None = None) -> dict:
         """Text reply plus speech: the text result dict with "waveform" (float32 [N], 24 kHz, the reference's
         chunked decode), "codes" (int32 [G, T]) and "num_codec_frames". talker: talker sampling (default
         omni_jax.speech.talker_sampling(), i.e. transformers' defaults)."""
-        out, tp = self.talker_prompt(messages, speaker=speaker, max_new_tokens=max_new_tokens, sampling=sampling)
-        res = self.speech.generate_codes(tp, max_new_tokens=talker_max_new_tokens, sampling=talker)
-        out.update(waveform=self.speech.waveform(res.codes), codes=res.codes, num_codec_frames=int(res.codes.shape[1]),
-                   codec_finished=res.finished)
+        speech = self._require_speech(speaker)
+        fin = self._run([self._speech_request(messages, speaker, max_new_tokens, sampling, talker_max_new_tokens,
+                                              talker, False)])[0][-1]
+        out = self._text_result(fin)
+        out.update(waveform=speech.waveform(fin.codes), codes=fin.codes, num_codec_frames=int(fin.codes.shape[1]),
+                   codec_finished=fin.codec_finished)
         return out
 
     def stream_speech(self, messages, *, speaker: str = "Ethan", max_new_tokens=None,
                       sampling: SamplingParams | None = None, talker_max_new_tokens: int = 4096,
-                      talker: SamplingParams | None = None, group_frames: int = 4, left_context: int = 25,
-                      state: dict | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 24 kHz waveform chunks while the talker runs (see SpeechGenerator.stream for what they
-        concatenate to). The thinker runs to completion first. `state` receives "text" (the text result),
-        "codec_tokens" and "finished"."""
-        state = {} if state is None else state
-        out, tp = self.talker_prompt(messages, speaker=speaker, max_new_tokens=max_new_tokens, sampling=sampling)
-        state["text"] = out
-        yield from self.speech.stream(tp, max_new_tokens=talker_max_new_tokens, sampling=talker,
-                                      group_frames=group_frames, left_context=left_context, state=state)
+                      talker: SamplingParams | None = None, state: dict | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz waveform chunks as the engine's Code2Wav produces them (the talker starts while
+        the thinker still runs; see omni_jax.serving.speech.WaveStream for what the chunks concatenate to).
+        `state` receives "text" (the text result), "codec_tokens" and "finished" at the end."""
+        from omni_jax.serving.protocol import AudioChunk, Finished
 
+        self._require_speech(speaker)
+        state = {} if state is None else state
+        req = self._speech_request(messages, speaker, max_new_tokens, sampling, talker_max_new_tokens, talker, True)
+        for ev in self.stream(req):
+            if isinstance(ev, AudioChunk):
+                yield ev.samples
+            elif isinstance(ev, Finished):
+                if ev.finish_reason == "error":
+                    raise OmniJaxError(ev.error)
+                state.update(text=self._text_result(ev), codec_tokens=ev.codec_tokens, finished=ev.codec_finished)
 
     # -- a batch of requests -----------------------------------------------------------------------------------
-    def _thinker_batch(self, prompts: list[ThinkerPrompt]) -> PromptBatch:
-        """Several prompts as one right-padded thinker batch; with media in any row, every row's merged input
-        embeddings (and DeepStack features, zero where a row has none) are built per row and stacked."""
-        if not any(p.has_media for p in prompts):
-            return text_prompt_batch([p.input_ids for p in prompts])
-        rows = [self.generator.multimodal_batch(p.input_ids, p.positions, p.delta, audio=p.audio, image=p.image,
-                                                video=p.video) for p in prompts]
-        width = max(r.input_ids.shape[1] for r in rows)
-        b, hidden = len(rows), rows[0].embeds.shape[-1]
-
-        def pad(x, value=0):  # [..., P_i] along the last-but-feature / sequence axis -> width
-            return np.pad(np.asarray(x), [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=value)
-
-        ids = np.concatenate([pad(r.input_ids) for r in rows])
-        positions = np.concatenate([pad(np.asarray(r.positions, np.float32)) for r in rows], axis=1)
-        embeds = np.zeros((b, width, hidden), np.asarray(rows[0].embeds).dtype)
-        for i, r in enumerate(rows):
-            embeds[i, :r.embeds.shape[1]] = np.asarray(r.embeds[0])
-        layers = max((len(r.deepstack) for r in rows if r.deepstack is not None), default=0)
-        deepstack = None
-        if layers:
-            deepstack = [np.zeros_like(embeds) for _ in range(layers)]
-            for i, r in enumerate(rows):
-                for k, feat in enumerate(r.deepstack or ()):
-                    deepstack[k][i, :feat.shape[1]] = np.asarray(feat[0])
-            deepstack = [jnp.asarray(d) for d in deepstack]
-        return PromptBatch(ids, np.concatenate([r.lengths for r in rows]), positions,
-                           np.concatenate([r.deltas for r in rows]), jnp.asarray(embeds), deepstack)
-
     def speak_batch(self, messages_list, *, speaker: str = "Ethan", max_new_tokens=None,
                     sampling: SamplingParams | None = None, talker_max_new_tokens: int = 4096,
                     talker: SamplingParams | None = None) -> list[dict]:
         """Speech for several conversations at once, with the semantics of transformers' batched
-        `generate(..., return_audio=True)`: one thinker batch, one talker batch, each row stopping at its own EOS
-        (see omni_jax.speech.SpeechGenerator.talker_prompts for the reference's per-row trailing-text quirk).
-        Returns one `speak`-style dict per conversation ("waveform" float32 [N_i] cut at the row's codec EOS)."""
+        `generate(..., return_audio=True)`: the thinker requests run together in the engine, then the talker
+        prompts are built as the reference's batch builds them (see omni_jax.speech.SpeechGenerator.talker_prompts
+        for its per-row trailing-text quirk) and run together in the engine's speech stage, each row stopping at
+        its own EOS. Returns one `speak`-style dict per conversation ("waveform" float32 [N_i])."""
         speech = self._require_speech(speaker)
         if not messages_list:
             raise SpeechError("speak_batch needs at least one conversation")
         prompts = [self.prompt(m) for m in messages_list]
-        max_new = max_new_tokens or self.defaults.max_new_tokens
-        for i, p in enumerate(prompts):
-            if not p.input_ids:
-                raise GenerationError(f"prompt {i} is empty")
-            self.generator.check_context(len(p.input_ids), max_new, f"prompt {i} (after media placeholders)")
-        k = self.cfg.talker_config.accept_hidden_layer
-        batch = self._thinker_batch(prompts)
-        res = self.generator.generate(batch, max_new_tokens=max_new, sampling=sampling or self.sampling(),
-                                      stop_ids=self.stop_ids(), collect_hidden=(0, k))
-        steps, padded = max(len(t) for t in res.token_ids), batch.input_ids.shape[1]
-
-        def rows(h, i):  # row i's prompt, then the generated tokens the batch fed back (an early EOS included)
-            n, fed = len(prompts[i].input_ids), min(len(res.token_ids[i]), steps - 1)
-            return np.concatenate([h[i, :n], h[i, padded:padded + fed]])
-
-        media = [dict(audio_seqlens=None if p.audio is None else [int(f) for f in p.audio[1]],
-                      image_grid=None if p.image is None else list(p.image[1]),
-                      video_grid=None if p.video is None else list(p.video[1]),
-                      second_per_grids=list(p.video_second_per_grid) or None) for p in prompts]
-        tps = speech.talker_prompts([p.input_ids for p in prompts], res.token_ids,
-                                    [rows(res.hidden[0], i) for i in range(len(prompts))],
-                                    [rows(res.hidden[k], i) for i in range(len(prompts))], speaker=speaker,
-                                    media=media)
+        fins = [ev[-1] for ev in self._run([self.request(m, max_new_tokens=max_new_tokens, sampling=sampling,
+                                                         return_hidden=True) for m in messages_list])]
+        steps = max(len(f.token_ids) for f in fins)
+        rows = []
+        for p, f in zip(prompts, fins):
+            emb, acc = self._talker_inputs(f, p)
+            fed = min(len(f.token_ids), steps - 1)  # the batch fed back a row's early EOS too
+            if fed == len(f.token_ids):
+                extra = self.engine.thinker.embed_tokens(np.asarray(f.token_ids[-1:], np.int32))
+                emb, acc = np.concatenate([emb, extra]), np.concatenate([acc, np.zeros_like(extra)])
+            rows.append((emb, acc))
+        tps = speech.talker_prompts([p.input_ids for p in prompts], [f.token_ids for f in fins],
+                                    [r[0] for r in rows], [r[1] for r in rows], speaker=speaker,
+                                    media=[self._media(p) for p in prompts])
         results = speech.generate_codes_batch(tps, max_new_tokens=talker_max_new_tokens, sampling=talker)
         wavs = speech.waveforms([r.codes for r in results])
         outs = []
-        for p, toks, r, wav in zip(prompts, res.token_ids, results, wavs):
-            out = self._text_result(p.input_ids, toks)
+        for f, r, wav in zip(fins, results, wavs):
+            out = self._text_result(f)
             out.update(waveform=wav, codes=r.codes, num_codec_frames=int(r.codes.shape[1]), codec_finished=r.finished,
                        codec_tokens=r.codec_tokens)
             outs.append(out)
         return outs
+
+
+def _drain(handle):
+    import queue
+
+    while True:
+        try:
+            yield handle.get(timeout=0)
+        except queue.Empty:
+            return
+

@@ -179,6 +179,7 @@ class TalkerPrompt:
     num_user_rows: int
     assistant_text: np.ndarray
     assistant_codec: np.ndarray
+    trailing_ids: np.ndarray | None = None  # int [N]: the thinker id behind each trailing row (tts_eos / tts_pad)
 
 
 @dataclasses.dataclass
@@ -235,7 +236,23 @@ class SpeechGenerator:
     def _codec_rows(self, ids) -> np.ndarray:
         """talker.model.codec_embedding rows of int ids [K] -> [K, H]."""
         with self._on_mesh():
-            return np.asarray(_embed_codes(self.graphdef, self.state, jnp.asarray(ids, jnp.int32)))
+            return np.asarray(_embed_codes(self.graphdef, self.state, np.asarray(ids, np.int32)))
+
+    def project_rows(self, hidden_embed: np.ndarray, hidden_accept: np.ndarray, piece: int = 64):
+        """(text_projection(hidden_embed), hidden_projection(hidden_accept)) of float [R, thinker_H] rows, in pieces
+        of `piece` rows (one compiled shape for every prompt length) -> two float [R, H]."""
+        rows = hidden_embed.shape[0]
+        padded = -(-max(rows, 1) // piece) * piece
+        pad = ((0, padded - rows), (0, 0))
+        e, a = np.pad(np.asarray(hidden_embed), pad), np.pad(np.asarray(hidden_accept), pad)
+        text, mm = [], []
+        with self._on_mesh():
+            for i in range(0, padded, piece):
+                t, m = _project(self.graphdef, self.state, jnp.asarray(e[i:i + piece], self.dtype),
+                                jnp.asarray(a[i:i + piece], self.dtype))
+                text.append(np.asarray(t))
+                mm.append(np.asarray(m))
+        return np.concatenate(text)[:rows], np.concatenate(mm)[:rows]
 
     def talker_prompt(self, prompt_ids, generated_ids, hidden_embed: np.ndarray, hidden_accept: np.ndarray, *,
                       speaker: str = "Ethan", audio_seqlens=None, image_grid=None, video_grid=None,
@@ -267,7 +284,7 @@ class SpeechGenerator:
         media = dict(audio_seqlens=audio_seqlens, image_grid=image_grid, video_grid=video_grid,
                      second_per_grids=second_per_grids)
         return self._row_prompt(ids, np.asarray(hidden_embed), np.asarray(hidden_accept), a_start=a_start,
-                                trailing_len=rows - a_start - 3, first_eos=None, spk=spk, media=media)
+                                trailing_len=rows - a_start - 3, first_eos=None, spk=spk, media=media, gen_ids=gen)
 
     def talker_prompts(self, prompt_ids, generated_ids, hidden_embed, hidden_accept, *, speaker: str = "Ethan",
                        media=None) -> list[TalkerPrompt]:
@@ -318,7 +335,7 @@ class SpeechGenerator:
             first_eos = gens[i].size - 1 if gens[i].size < steps else None
             out.append(self._row_prompt(ids[i], np.asarray(hidden_embed[i]), np.asarray(hidden_accept[i]),
                                         a_start=a_start, trailing_len=trailing_len, first_eos=first_eos, spk=spk,
-                                        media=media[i] or {}, row=i))
+                                        media=media[i] or {}, row=i, gen_ids=gens[i]))
         return out
 
     @staticmethod
@@ -331,7 +348,8 @@ class SpeechGenerator:
                               f"{np.shape(hidden_embed)[0]} and {np.shape(hidden_accept)[0]}")
 
     def _row_prompt(self, ids: np.ndarray, hidden_embed: np.ndarray, hidden_accept: np.ndarray, *, a_start: int,
-                    trailing_len: int, first_eos: int | None, spk: int, media: dict, row: int = 0) -> TalkerPrompt:
+                    trailing_len: int, first_eos: int | None, spk: int, media: dict, row: int = 0,
+                    gen_ids=None) -> TalkerPrompt:
         """One row's talker input. hidden_* [R, thinker_H]: the prompt, then the fed-back generated tokens.
         trailing_len: entries of the trailing text (the reference's batch-wide length); first_eos: index of the
         row's first generated EOS when the row stopped before the batch did (None otherwise)."""
@@ -339,14 +357,7 @@ class SpeechGenerator:
         rows = hidden_embed.shape[0]
         users = user_positions(ids, cfg)
 
-        # Both projections of every row, at a bucketed length so new lengths reuse the compiled function.
-        padded = bucket(rows)
-        pad = ((0, padded - rows), (0, 0))
-        with self._on_mesh():
-            text_rows, mm_rows = _project(self.graphdef, self.state,
-                                          jnp.asarray(np.pad(hidden_embed, pad), self.dtype),
-                                          jnp.asarray(np.pad(hidden_accept, pad), self.dtype))
-        text_rows, mm_rows = np.asarray(text_rows)[:rows], np.asarray(mm_rows)[:rows]
+        text_rows, mm_rows = self.project_rows(hidden_embed, hidden_accept)
 
         th = cfg.thinker_config
         multimodal = np.isin(ids, [th.audio_token_id, th.image_token_id, th.video_token_id])
@@ -371,13 +382,18 @@ class SpeechGenerator:
                               f"(an assistant prefix shorter than '<|im_start|>assistant\\n'); not supported")
         trailing = np.where((j > eos_at)[:, None], self.tts_pad[None], self.tts_eos[None]).astype(a.dtype)
         trailing[real] = a[4:4 + int(real.sum())]
+        trailing_ids = None
+        if gen_ids is not None:  # the same entries as thinker ids (the serving engine projects them itself)
+            a_ids = np.concatenate([ids[a_start:], np.asarray(gen_ids, np.int64)])
+            trailing_ids = np.where(j > eos_at, cfg.tts_pad_token_id, cfg.tts_eos_token_id)
+            trailing_ids[real] = a_ids[4:4 + int(real.sum())]
 
         talker_ids = np.concatenate([ids[users], np.full(TEXT_ROWS, cfg.tts_pad_token_id, np.int64)])
         embeds = np.concatenate([user_rows, assistant_text + assistant_codec])
         positions = self._positions(talker_ids, media.get("audio_seqlens"), media.get("image_grid"),
                                     media.get("video_grid"), media.get("second_per_grids"))
         return TalkerPrompt(embeds, talker_ids, positions, trailing, self.tts_pad, int(users.size), assistant_text,
-                            assistant_codec)
+                            assistant_codec, trailing_ids)
 
     def _positions(self, talker_ids, audio_seqlens, image_grid, video_grid, second_per_grids) -> np.ndarray:
         """[3, L] float32. With media in the request, TM-RoPE over the talker ids with the talker config's token

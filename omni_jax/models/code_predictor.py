@@ -129,16 +129,18 @@ class CodePredictor(nnx.Module):
 
     def predict_frame(self, h_last: jnp.ndarray, c0_embed: jnp.ndarray, *, greedy: bool = True,
                       rng: jax.Array | None = None, temperature: float = 1.0, top_k: int | None = 50,
-                      top_p: float | None = 0.8, return_logits: bool = False):
+                      top_p: float | None = 0.8, return_logits: bool = False, pick=None):
         """Residual codes of one frame, as HF's `code_predictor.generate(max_new_tokens=G-1)`.
 
         h_last [B, H]: the talker's final-normed hidden state at its last position; c0_embed [B, H]: the talker's
         `codec_embedding(c0)`. greedy=True -> argmax (HF do_sample=False); otherwise HF warpers with the given
         temperature / top_k / top_p (the talker passes top_k=50, top_p=0.8, temperature 1.0) and `rng`.
-        Returns codes int32 [B, G-1] (and logits fp32 [B, G-1, V] when return_logits). Static shapes; the G-2
+        pick: optional `(fp32 logits [B, V], step) -> ids [B]` replacing the greedy / warper choice (the serving
+        engine's per-row sampling). Returns codes int32 [B, G-1] (and logits fp32 [B, G-1, V] when
+        return_logits). Static shapes; the G-2
         single-token steps run in one `lax.scan` over a G-slot cache.
         """
-        if not greedy and rng is None:
+        if pick is None and not greedy and rng is None:
             raise ValueError("predict_frame: sampling (greedy=False) needs an rng key")
         rng = jax.random.PRNGKey(0) if rng is None else rng
         b, _ = h_last.shape
@@ -146,8 +148,12 @@ class CodePredictor(nnx.Module):
         g = self.cfg.num_code_groups
         slots = jnp.arange(g)
 
+        custom = pick
+
         def pick(logits, step):
             logits = logits.astype(jnp.float32)  # HF generate samples from fp32 logits
+            if custom is not None:
+                return custom(logits, step)
             if greedy:
                 return greedy_ids(logits)
             return sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)

@@ -290,12 +290,14 @@ class ThinkerSlots:
         return next_token_rows(logits[None], jax.random.fold_in(key, 0)[None], p, seen=seen[None])[0]
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
-        """Input embeddings of int ids [N] -> float32 [N, H] (bucketed length)."""
+        """Input embeddings of int ids [N] -> float32 [N, H] (pieces of 16 ids: one compiled shape)."""
         n = len(ids)
-        padded = np.zeros((1, bucket(max(n, 1))), np.int32)
+        padded = np.zeros((1, -(-max(n, 1) // 16) * 16), np.int32)
         padded[0, :n] = ids
         with self.on_mesh():
-            return np.asarray(self._embed_ids(self.state, self.put(padded))[0, :n], np.float32)
+            rows = [np.asarray(self._embed_ids(self.state, self.put(padded[:, i:i + 16]))[0], np.float32)
+                    for i in range(0, padded.shape[1], 16)]
+        return np.concatenate(rows)[:n]
 
     def media_embeds(self, ids: list[int], audio=None, image=None, video=None):
         """Merged input embeddings and DeepStack features of one multimodal prompt: (float [L, H], [[L, H]] or

@@ -47,6 +47,8 @@ class Request:
     talker_max_new_tokens: int = 4096
     talker_sampling: object | None = None
     request_id: str = ""
+    stream_audio: bool = True  # send AudioChunks (False: only Finished.codes, e.g. for an offline waveform)
+    return_hidden: bool = False  # Finished.hidden gets the prompt's thinker hidden states (speech engines only)
 
 
 @dataclasses.dataclass
@@ -77,11 +79,13 @@ class Finished:
     num_codec_frames: int = 0
     audio_seconds: float = 0.0
     error: str | None = None
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the prompt (media placeholders expanded)
     token_ids: list[int] = dataclasses.field(default_factory=list)  # every generated id, a final stop id included
     text: str = ""  # the whole reply text (what the TextDeltas added up to)
     codes: np.ndarray | None = None  # speech: int32 [G, T] codec frames
     codec_tokens: list[int] = dataclasses.field(default_factory=list)  # speech: every sampled codebook-0 id
     codec_finished: bool = False  # speech: the talker sampled codec EOS
+    hidden: dict | None = None  # return_hidden: {0: input embeddings, accept_hidden_layer: ...} float [L, H]
 
 
 Event = TextDelta | AudioChunk | Finished

@@ -55,6 +55,12 @@ class _Job:
         return self.handle.request
 
 
+def talker_sampling_default() -> SamplingParams:
+    from omni_jax.speech import talker_sampling
+
+    return talker_sampling()
+
+
 def prompt_token_details(prompt: ThinkerPrompt, cfg) -> dict:
     t = cfg.thinker_config
     ids = np.asarray(prompt.input_ids)
@@ -87,7 +93,7 @@ class Engine:
         accept = cfg.talker_config.accept_hidden_layer if speech else None
         self.thinker = ThinkerSlots(model.thinker, slots=max_slots, context=self.max_context, stop_ids=self.stop_ids,
                                     chunk_steps=chunk_steps, prefill_chunk=prefill_chunk,
-                                    collect=() if accept is None else (accept,), mesh=mesh, rules=rules)
+                                    collect=() if accept is None else (0, accept), mesh=mesh, rules=rules)
         self.speech = None
         if speech:
             from omni_jax.serving.speech import SpeechStage
@@ -157,6 +163,8 @@ class Engine:
         """Validate a request and build its prompt (media loaded); RequestError on bad input."""
         if request.max_new_tokens is not None and request.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}", param="max_tokens")
+        if request.return_hidden and self.speech is None:
+            raise RequestError("return_hidden needs an engine with speech output", param="return_hidden")
         if request.speech:
             if self.speech is None:
                 raise RequestError("this model is served without speech output (no talker / code2wav loaded)",
@@ -174,7 +182,8 @@ class Engine:
         n, max_new = len(prompt.input_ids), self._max_new(request)
         if n + max_new > self.max_context:
             raise RequestError(f"prompt (after media placeholders) of {n} tokens + max_new_tokens {max_new} = "
-                               f"{n + max_new} exceeds the context of {self.max_context} tokens", param="messages")
+                               f"{n + max_new} exceeds the model's context of {self.max_context} tokens",
+                               param="messages")
         return prompt
 
     def submit(self, request: Request, prompt: ThinkerPrompt | None = None) -> RequestHandle:
@@ -188,6 +197,28 @@ class Engine:
                 raise QueueFull(f"the engine's queue is full ({self.max_queue} requests waiting)")
             self._waiting.append(job)
             self.counters["requests_submitted"] += 1
+            self._lock.notify_all()
+        return handle
+
+    def submit_talker(self, tp, *, sampling: SamplingParams | None = None, max_new_tokens: int = 4096,
+                      stream_audio: bool = True, wave=None) -> RequestHandle:
+        """Run only the speech stage on a talker prompt built in advance (omni_jax.speech.TalkerPrompt with
+        `trailing_ids`, e.g. from SpeechGenerator.talker_prompts for the reference's batched semantics). Events:
+        AudioChunks (when stream_audio) and Finished with the codes."""
+        if self.speech is None:
+            raise RequestError("this model is served without speech output", param="modalities")
+        if tp.trailing_ids is None:
+            raise RequestError("the talker prompt has no trailing_ids (build it with SpeechGenerator.talker_prompt "
+                               "/ talker_prompts)")
+        if max_new_tokens < 2:
+            raise RequestError(f"talker max_new_tokens must be >= 2 (N sampled codes give at most N-1 frames), "
+                               f"got {max_new_tokens}", param="talker_max_new_tokens")
+        handle = RequestHandle(Request([], speech=True, talker_max_new_tokens=max_new_tokens))
+        job = _Job(handle, ThinkerPrompt([], np.zeros((3, 0), np.float32), 0.0), 0, SamplingParams(),
+                   state="talking", finish_reason="stop", t_submit=time.monotonic())
+        self.speech.submit_prompt(job, tp, sampling or talker_sampling_default(), max_new_tokens, stream_audio, wave)
+        with self._lock:
+            self._jobs.append(job)
             self._lock.notify_all()
         return handle
 
@@ -220,11 +251,14 @@ class Engine:
 
     def run(self, request: Request, prompt: ThinkerPrompt | None = None) -> list:
         """Submit one request and return all its events (drives the loop inline when no thread runs)."""
-        handle = self.submit(request, prompt)
+        return self.drive([self.submit(request, prompt)])[0]
+
+    def drive(self, handles: list[RequestHandle]) -> list[list]:
+        """Wait for requests already submitted (running the loop inline when no thread runs): their events."""
         if self._thread is None:
-            while not handle.done:
+            while not all(h.done for h in handles):
                 self.step()
-        return list(handle.events())
+        return [list(h.events()) for h in handles]
 
     # -- the loop --------------------------------------------------------------------------------------------
     def _serve(self):
@@ -296,7 +330,7 @@ class Engine:
                                               embeds=None if job.embeds is None else piece(job.embeds),
                                               deepstack=None if job.deepstack is None else
                                               [piece(d) for d in job.deepstack], last=valid - 1)
-        if self.speech is not None and job.request.speech:
+        if self.speech is not None and (job.request.speech or job.request.return_hidden):
             for i, h in hidden.items():
                 job.prompt_hidden.setdefault(i, []).append(np.asarray(h)[:valid])
         job.next_chunk += 1
@@ -392,9 +426,11 @@ class Engine:
             self._lock.notify_all()
         self.counters[f"finished_{reason}"] += 1
         completion = len(job.tokens)
+        hidden = job.prompt_hidden if job.request.return_hidden and reason in ("stop", "length") else None
         job.handle.put(Finished(reason, prompt_tokens=len(job.prompt.input_ids), completion_tokens=completion,
                                 prompt_tokens_details=prompt_token_details(job.prompt, self.cfg), error=error,
-                                token_ids=list(job.tokens), text=job.text, **extra))
+                                prompt_ids=list(job.prompt.input_ids), token_ids=list(job.tokens), text=job.text,
+                                hidden=hidden, **extra))
 
     def _max_new(self, request: Request) -> int:
         return request.max_new_tokens or self.defaults.max_new_tokens
