@@ -211,7 +211,7 @@ def test_no_compilation_after_warmup(server, client, model_name):
         if speech:
             return _speech(client, model_name, messages, n, talker=3 + n, stream=n % 2 == 0)
         return client.chat.completions.create(model=model_name, messages=messages, max_tokens=n, temperature=0.8,
-                                              top_p=0.9, top_k=20, seed=n)
+                                              top_p=0.9, seed=n, extra_body={"top_k": 20})
 
     with cf.ThreadPoolExecutor(4) as pool:
         list(pool.map(run, specs))
@@ -328,7 +328,9 @@ def _open_streams(url, model, n, max_tokens=3000):
     def start(_):
         resp = c.send(c.build_request("POST", f"{url}/v1/chat/completions", json=body), stream=True)
         if resp.status_code == 200:
-            next(resp.iter_lines())  # the role chunk: the request is in the engine
+            # the role chunk: the request is in the engine. Keep the iterator: dropping it closes the connection.
+            resp.lines = resp.iter_lines()
+            next(resp.lines)
         return resp
 
     with cf.ThreadPoolExecutor(n) as pool:

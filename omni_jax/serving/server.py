@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
@@ -192,8 +193,7 @@ def create_app(load: Callable[[], object], *, on_load_error: Callable[[BaseExcep
         t0 = time.perf_counter()
         if not state.ready:
             return _json_error(503, "the model is loading", headers={"Retry-After": RETRY_AFTER_S})
-        workdir = tempfile.mkdtemp(prefix="omni_jax_req_")
-        cleanup = True
+        workdir = tempfile.mkdtemp(prefix="omni_jax_req_")  # inline media, read by engine.submit
         try:
             try:
                 body = json.loads(await request.body())
@@ -209,19 +209,20 @@ def create_app(load: Callable[[], object], *, on_load_error: Callable[[BaseExcep
                 raise api.bad(str(e), e.param) from e
             except OmniJaxError as e:
                 raise api.bad(str(e)) from e
-            events = _bridge(handle, asyncio.get_running_loop())
-            if parsed.stream:
-                cleanup = False  # the stream removes the directory when it ends
-                return StreamingResponse(_stream(state, parsed, handle, events, t0, workdir),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await _complete(state, request, parsed, handle, events, t0)
         except api.ApiError as e:
             state.metrics.request_rejected(e.status)
             return JSONResponse(e.body(), status_code=e.status)
         finally:
-            if cleanup:
-                shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(workdir, ignore_errors=True)  # submit has loaded the media into the prompt
+        events = _bridge(handle, asyncio.get_running_loop())
+        if parsed.stream:
+            stream = _stream(state, parsed, handle, events, t0)
+            # A client gone before the stream starts never runs the generator's finally: cancel on collection
+            # (a no-op for a finished request).
+            weakref.finalize(stream, handle.cancel)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(state, request, parsed, handle, events, t0)
 
     return app
 
@@ -256,8 +257,7 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream(state: ServerState, parsed: api.ChatRequest, handle, events: asyncio.Queue, t0: float,
-                  workdir: str):
+async def _stream(state: ServerState, parsed: api.ChatRequest, handle, events: asyncio.Queue, t0: float):
     """SSE chunks: role, text / audio deltas, finish, usage (when asked), [DONE]. If the client goes away the
     generator is closed (GeneratorExit / CancelledError) and the request is cancelled."""
     req = parsed.request
@@ -289,7 +289,6 @@ async def _stream(state: ServerState, parsed: api.ChatRequest, handle, events: a
     finally:
         if fin is None:
             handle.cancel()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def serve(load: Callable[[], object], *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> int:
