@@ -27,9 +27,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import soundfile as sf
 
-from omni_jax import cli
 from omni_jax.serving.metrics import parse_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,14 +105,27 @@ def _metrics(url) -> dict:
     return parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
-def _generate(tmp_path, capsys, model_dir, messages, *extra) -> dict:
-    """`omni-jax generate --greedy --json` on a messages file (in process)."""
-    m = tmp_path / f"m{time.monotonic_ns()}.json"
-    m.write_text(json.dumps(messages))
-    code = cli.main(["generate", "--model", model_dir, "--messages", str(m), "--greedy", "--json", *extra])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def reference(tiny_hf_dir):
+    """One OmniSession with speech for every reference result: the calls `omni-jax generate --greedy [--speak]`
+    makes (cli.cmd_generate), without recompiling the engine for each command (tests/test_cli.py and
+    tests/test_speech.py check the command itself against the session)."""
+    from omni_jax.inference import OmniSession
+
+    return OmniSession(tiny_hf_dir, speech=True)
+
+
+def _generate(session, messages, speak: bool = False) -> dict:
+    """What `omni-jax generate --greedy --json --max-new-tokens THINKER_TOKENS [--speak W
+    --talker-max-new-tokens TALKER_TOKENS]` computes for `messages` (with "waveform" when speaking)."""
+    from omni_jax.processing.chat import parse_messages
+    from omni_jax.speech import talker_sampling
+
+    msgs, greedy = parse_messages(messages), session.sampling(greedy=True, seed=0)
+    if not speak:
+        return session.generate(msgs, max_new_tokens=THINKER_TOKENS, sampling=greedy)
+    return session.speak(msgs, speaker="Ethan", max_new_tokens=THINKER_TOKENS, sampling=greedy,
+                         talker_max_new_tokens=TALKER_TOKENS, talker=talker_sampling(greedy=True, seed=0))
 
 
 def _user(audio_b64: str | None, text: str = QUESTION) -> list:
@@ -163,13 +174,11 @@ def test_health_models_and_metrics(server, client, model_name):
     assert "omni_jax_compilations_total" in m
 
 
-def _check_greedy_text(client, model_name, tiny_hf_dir, tmp_path, capsys, audio_file, with_audio: bool):
+def _check_greedy_text(client, model_name, reference, audio_file, with_audio: bool):
     """The server's greedy reply (JSON and streamed) is `omni-jax generate --greedy`'s."""
     path, raw = audio_file
     audio_b64, parts = (base64.b64encode(raw).decode(), [{"type": "audio", "path": path}]) if with_audio else (None, [])
-    want = _generate(tmp_path, capsys, tiny_hf_dir,
-                     [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
-                     "--max-new-tokens", str(THINKER_TOKENS))
+    want = _generate(reference, [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}])
     r = _chat(client, model_name, _user(audio_b64))
     assert r.choices[0].message.content == want["text"]
     assert r.usage.prompt_tokens == len(want["prompt_token_ids"])
@@ -182,20 +191,18 @@ def _check_greedy_text(client, model_name, tiny_hf_dir, tmp_path, capsys, audio_
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
 
 
-def test_greedy_text_matches_generate(client, model_name, tiny_hf_dir, audio_file, tmp_path, capsys):
-    _check_greedy_text(client, model_name, tiny_hf_dir, tmp_path, capsys, audio_file, with_audio=False)
+def test_greedy_text_matches_generate(client, model_name, reference, audio_file):
+    _check_greedy_text(client, model_name, reference, audio_file, with_audio=False)
 
 
-def test_speech_stream_equals_wav_and_generate_speak(server, client, model_name, tiny_hf_dir, tmp_path, capsys):
-    wav_path = str(tmp_path / "speak.wav")
-    want = _generate(tmp_path, capsys, tiny_hf_dir, [{"role": "user", "content": QUESTION}], "--max-new-tokens",
-                     str(THINKER_TOKENS), "--speak", wav_path, "--talker-max-new-tokens", str(TALKER_TOKENS))
-    ref, sr = sf.read(wav_path, dtype="float32")
+def test_speech_stream_equals_wav_and_generate_speak(server, client, model_name, reference):
+    want = _generate(reference, [{"role": "user", "content": QUESTION}], speak=True)
+    ref = want["waveform"]
     text, wav_pcm = _speech(client, model_name, [{"role": "user", "content": QUESTION}])
     stream_text, stream_pcm = _speech(client, model_name, [{"role": "user", "content": QUESTION}], stream=True)
     assert text == stream_text == want["text"]
     np.testing.assert_array_equal(stream_pcm, wav_pcm)
-    assert sr == 24000 and wav_pcm.shape == ref.shape
+    assert wav_pcm.shape == ref.shape
     # int16 quantisation: round(x * 32767) is within half a step of x * 32767 (one step allowed for fp32 noise)
     np.testing.assert_allclose(wav_pcm / 32767.0, np.clip(ref, -1, 1), rtol=0, atol=1.0 / 32767)
 
@@ -221,8 +228,8 @@ def test_no_compilation_after_warmup(server, client, model_name):
     assert m["omni_jax_time_to_first_audio_packet_seconds_count"] > 0
 
 
-def test_greedy_text_matches_generate_audio_input(client, model_name, tiny_hf_dir, audio_file, tmp_path, capsys):
-    _check_greedy_text(client, model_name, tiny_hf_dir, tmp_path, capsys, audio_file, with_audio=True)
+def test_greedy_text_matches_generate_audio_input(client, model_name, reference, audio_file):
+    _check_greedy_text(client, model_name, reference, audio_file, with_audio=True)
 
 
 def test_concurrent_mixed_requests_get_their_solo_results(server, client, model_name, audio_file):
