@@ -177,7 +177,7 @@ def hf_medium(q, dev):
     import torch
 
     from omni_jax.checkpoint.hf import load_hf
-    from omni_jax.generate import ThinkerGenerator, bucket, text_prompt_batch
+    from omni_jax.generate import ThinkerGenerator, text_prompt_batch
     from omni_jax.sampling import SamplingParams
 
     hidden, layers, experts, top_k, inner, heads, kv, vocab = ((1024, 6, 32, 8, 512, 16, 4, 32768) if not q
@@ -207,14 +207,11 @@ def hf_medium(q, dev):
         htoks = out[0, prompt:].tolist()
         del hf
         model, _ = load_hf(d, parts=("thinker",), dtype=jnp.bfloat16)
-    gen = ThinkerGenerator(model.thinker)
+    gen = ThinkerGenerator(model.thinker, prefill_chunk=prompt)
     batch = text_prompt_batch([ids[0].tolist()], min_bucket=prompt)
     greedy = SamplingParams()
     gen.generate(batch, max_new_tokens=new, sampling=greedy)
-    embeds = gen._embed(gen.state, jnp.asarray(batch.input_ids))
-    a = (gen.state, embeds, jnp.asarray(batch.positions), jnp.asarray(batch.lengths), None)
-    cl = bucket(batch.input_ids.shape[1] + new)
-    jp = timeit(lambda *z: gen._prefill(*z, cache_len=cl), *a, n=5)
+    jp = timeit(lambda: gen.prefill(batch, max_new_tokens=new), n=5)
     t = time.perf_counter()
     res = gen.generate(batch, max_new_tokens=new, sampling=greedy)
     jd = (time.perf_counter() - t - jp) / (new - 1)
@@ -235,7 +232,7 @@ def full_width(q):
     from flax import nnx
 
     from omni_jax import config as C
-    from omni_jax.generate import ThinkerGenerator, bucket, text_prompt_batch
+    from omni_jax.generate import ThinkerGenerator, text_prompt_batch
     from omni_jax.models.thinker import Thinker
     from omni_jax.sampling import SamplingParams
 
@@ -248,7 +245,7 @@ def full_width(q):
     jax.block_until_ready(nnx.state(th))
     init_s = time.perf_counter() - t0
     nbytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(th)))
-    gen = ThinkerGenerator(th)
+    gen = ThinkerGenerator(th, prefill_chunk=8192 if not q else 64)
     out = {"layers": layers, "param_bytes": nbytes, "init_s": init_s}
     vocab = tc.text_config.vocab_size
     for prompt in ((2048, 8192) if not q else (64,)):
@@ -258,10 +255,7 @@ def full_width(q):
         t = time.perf_counter()
         gen.generate(batch, max_new_tokens=new, sampling=SamplingParams())
         first = time.perf_counter() - t
-        embeds = gen._embed(gen.state, jnp.asarray(batch.input_ids))
-        a = (gen.state, embeds, jnp.asarray(batch.positions), jnp.asarray(batch.lengths), None)
-        cl = bucket(prompt + new)
-        pf = timeit(lambda *z, cl=cl: gen._prefill(*z, cache_len=cl), *a, n=3, warm=1)
+        pf = timeit(lambda batch=batch, new=new: gen.prefill(batch, max_new_tokens=new), n=3, warm=1)
         t = time.perf_counter()
         gen.generate(batch, max_new_tokens=new, sampling=SamplingParams())
         dec = (time.perf_counter() - t - pf) / (new - 1)
@@ -281,7 +275,7 @@ def speech_full(q):
     from omni_jax.models.code2wav import Code2Wav
     from omni_jax.models.talker import Talker
     from omni_jax.models.thinker import Thinker
-    from omni_jax.speech import SAMPLE_RATE, SpeechGenerator, talker_sampling
+    from omni_jax.speech import SAMPLE_RATE, talker_sampling
 
     cfg = C.released_30b_a3b() if not q else C.tiny()
     tc = cfg.thinker_config
@@ -291,7 +285,14 @@ def speech_full(q):
     c2w = Code2Wav(cfg.code2wav_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
     n_talker = sum(x.size for x in jax.tree.leaves(nnx.state(talker)))
     n_c2w = sum(x.size for x in jax.tree.leaves(nnx.state(c2w)))
-    sg = SpeechGenerator(cfg, th, talker, c2w)
+    from types import SimpleNamespace
+
+    from omni_jax.inference import GenerationDefaults
+    from omni_jax.serving.scheduler import Engine
+
+    engine = Engine(SimpleNamespace(thinker=th, talker=talker, code2wav=c2w), cfg, None, GenerationDefaults(),
+                    model_name="speech_full", max_slots=1, max_context=512, speech=True)
+    sg = engine.speech  # the engine's speech stage (talker slots, chunked frames, streaming Code2Wav)
     r = np.random.default_rng(0)
     text = r.integers(1000, 30000, 60).tolist()
     nl = 198
@@ -304,25 +305,25 @@ def speech_full(q):
     ha = (r.normal(size=(rows, hid)) * 0.5).astype(np.float32)
     tp = sg.talker_prompt(ids, gen, he, ha, speaker="Ethan")
     greedy = talker_sampling(greedy=True)
-    frames_n = 48
-    for _ in range(2):  # first pass compiles
-        t = time.perf_counter()
-        it = sg.frames(tp, max_new_tokens=frames_n + 1, sampling=greedy)
-        next(it)
-        first = time.perf_counter() - t
-        got = 1 + sum(1 for _ in it)
-        total = time.perf_counter() - t
-    per_frame = (total - first) / max(got - 1, 1)
+    frames_n, k = 48, sg.talker.chunk_steps
+    walls = {}
+    for n in (k, frames_n):  # frames come in chunks of k: the difference of two runs is the per-frame cost
+        for _ in range(2):  # first pass compiles
+            t = time.perf_counter()
+            got = sg.generate_codes(tp, max_new_tokens=n + 1, sampling=greedy).codes.shape[1]
+            walls[n] = time.perf_counter() - t
+    first = walls[k]
+    per_frame = (walls[frames_n] - walls[k]) / (frames_n - k)
     for _ in range(2):
         t = time.perf_counter()
         st = sg.stream(tp, max_new_tokens=frames_n + 1, sampling=greedy, group_frames=4)
         chunk0 = next(st)
         first_chunk = time.perf_counter() - t
-        samples = chunk0.size + sum(c.size for c in st)
+        samples = chunk0.samples.size + sum(c.samples.size for c in st)
         stream_total = time.perf_counter() - t
     audio_s = samples / SAMPLE_RATE
     record("speech_full", talker_params=int(n_talker), code2wav_params=int(n_c2w), frames=got,
-           first_frame_s=first, ms_per_frame=per_frame * 1e3, first_chunk_s_group4=first_chunk,
+           first_chunk_of_frames_s=first, ms_per_frame=per_frame * 1e3, first_chunk_s_group4=first_chunk,
            audio_s=audio_s, stream_wall_s=stream_total, real_time_factor=audio_s / stream_total,
            peak_device_bytes=peak_bytes())
 
@@ -333,7 +334,7 @@ def thinker_48(q):
     from flax import nnx
 
     from omni_jax import config as C
-    from omni_jax.generate import ThinkerGenerator, bucket, text_prompt_batch
+    from omni_jax.generate import ThinkerGenerator, text_prompt_batch
     from omni_jax.models.thinker import Thinker
     from omni_jax.sampling import SamplingParams
 
@@ -343,17 +344,14 @@ def thinker_48(q):
     jax.block_until_ready(nnx.state(th))
     out = {"layers": tc.text_config.num_hidden_layers, "init_s": time.perf_counter() - t0,
            "param_bytes": sum(x.nbytes for x in jax.tree.leaves(nnx.state(th)))}
-    gen = ThinkerGenerator(th)
     prompt, new = (2048, 32) if not q else (64, 8)
+    gen = ThinkerGenerator(th, prefill_chunk=prompt)
     ids = np.random.RandomState(0).randint(0, tc.text_config.vocab_size // 2, prompt).tolist()
     batch = text_prompt_batch([ids], min_bucket=prompt)
     t = time.perf_counter()
     gen.generate(batch, max_new_tokens=new, sampling=SamplingParams())
     out["compile_and_first_s"] = time.perf_counter() - t
-    embeds = gen._embed(gen.state, jnp.asarray(batch.input_ids))
-    a = (gen.state, embeds, jnp.asarray(batch.positions), jnp.asarray(batch.lengths), None)
-    cl = bucket(prompt + new)
-    pf = timeit(lambda *z: gen._prefill(*z, cache_len=cl), *a, n=3, warm=1)
+    pf = timeit(lambda: gen.prefill(batch, max_new_tokens=new), n=3, warm=1)
     t = time.perf_counter()
     gen.generate(batch, max_new_tokens=new, sampling=SamplingParams())
     dec = (time.perf_counter() - t - pf) / (new - 1)

@@ -74,23 +74,14 @@ def time_jax(path, ids, new, moe_impl="auto"):
     from omni_jax.sampling import SamplingParams
 
     model, _ = load_hf(path, parts=("thinker",))
-    gen = ThinkerGenerator(model.thinker, moe_impl=moe_impl)
+    gen = ThinkerGenerator(model.thinker, moe_impl=moe_impl, prefill_chunk=len(ids[0]))
     batch = text_prompt_batch([list(ids[0])], min_bucket=len(ids[0]))
     greedy = SamplingParams()
     gen.generate(batch, max_new_tokens=new, sampling=greedy)  # compile prefill + decode
-    embeds = model.thinker.embed(jax.numpy.asarray(batch.input_ids))
-    args = (gen.state, embeds, jax.numpy.asarray(batch.positions), jax.numpy.asarray(batch.lengths), None)
-    jax.block_until_ready(gen._prefill(*args, cache_len=gen_cache_len(batch, new)))
-    prefill = _median(lambda: jax.block_until_ready(gen._prefill(*args, cache_len=gen_cache_len(batch, new))))
+    prefill = _median(lambda: jax.block_until_ready(gen.prefill(batch, max_new_tokens=new)))
     total = _median(lambda: gen.generate(batch, max_new_tokens=new, sampling=greedy))
     res = gen.generate(batch, max_new_tokens=new, sampling=greedy)
     return prefill, max(total - prefill, 1e-9) / (new - 1), res.token_ids[0]
-
-
-def gen_cache_len(batch, new):
-    from omni_jax.generate import bucket
-
-    return bucket(batch.input_ids.shape[1] + new)
 
 
 def main(argv=None):

@@ -71,10 +71,10 @@ class GenerationDefaults:
         do_sample = self.do_sample if greedy is None else not greedy
         if temperature is not None or top_k is not None or top_p is not None:
             do_sample = True if greedy is None else do_sample
-        return SamplingParams(greedy=not do_sample, temperature=self.temperature if temperature is None else temperature,
-                              top_k=self.top_k if top_k is None else top_k, top_p=self.top_p if top_p is None else top_p,
-                              repetition_penalty=self.repetition_penalty if repetition_penalty is None
-                              else repetition_penalty, seed=seed)
+        pick = lambda given, default: default if given is None else given  # noqa: E731
+        return SamplingParams(greedy=not do_sample, temperature=pick(temperature, self.temperature),
+                              top_k=pick(top_k, self.top_k), top_p=pick(top_p, self.top_p),
+                              repetition_penalty=pick(repetition_penalty, self.repetition_penalty), seed=seed)
 
 
 SPEECH_PARTS = ("thinker", "talker", "code2wav")
@@ -158,10 +158,10 @@ class OmniSession:
 
         handles = [self.engine.submit(r) for r in requests]
         out = self.engine.drive(handles)
-        for events in out:
+        for r, events in zip(requests, out):
             fin = events[-1]
             if isinstance(fin, Finished) and fin.finish_reason == "error":
-                raise OmniJaxError(fin.error)
+                raise (SpeechError if r.speech else OmniJaxError)(fin.error)
         return out
 
     def generate(self, messages, *, max_new_tokens=None, sampling: SamplingParams | None = None,

@@ -6,30 +6,24 @@ Reference: spec §6.2 (talker prompt), §6.3 (decode loop), §7.6 (chunked decod
   embeddings) and `hidden_states[accept_hidden_layer]`, exactly as `Qwen3OmniMoeForConditionalGeneration.generate`:
   user turns (hidden_projection at audio/image/video rows, text_projection elsewhere; system and assistant turns
   dropped), then 9 assistant rows (text track + codec track), plus the trailing text rows fed one per step.
-- `SpeechGenerator.frames` runs the talker: prefill, then one jitted step per frame (code predictor for codebooks
-  1..G-1 in one `lax.scan`, next input = sum of the G codebook embeddings + one trailing text row, talker step,
-  sampling of the next codebook-0 code) over a static-shape KV cache.
-- `max_new_tokens` means what transformers' `talker_max_new_tokens` means: at most that many codebook-0 codes are
-  sampled (the prefill samples the first); a frame is emitted for every sampled code except codec EOS and except
-  the last one sampled when the budget runs out (its residual codes are never predicted). So without EOS, N
-  tokens give N-1 frames.
+- The talker's decode loop (prefill, then per frame: code predictor for codebooks 1..G-1, next input = sum of
+  the G codebook embeddings + one trailing text row, talker step, sampling of the next codebook-0 code) runs in
+  the serving engine's speech stage (omni_jax/serving/speech.py), over slots and in chunks of frames.
+  `max_new_tokens` means what transformers' `talker_max_new_tokens` means: at most that many codebook-0 codes
+  are sampled (the prefill samples the first); a frame is emitted for every sampled code except codec EOS and
+  except the last one sampled when the budget runs out. So without EOS, N tokens give N-1 frames.
 - `SpeechGenerator.waveform`: the reference's offline decode (`chunked_decode`, chunk 300, left context 25).
-- `SpeechGenerator.stream`: waveform chunks while frames are produced (see its docstring for what the chunks
-  concatenate to).
 
-Batches (`talker_prompts`, `generate_codes_batch`, `waveforms`) follow the reference's batched `generate`: the
-assistant part is located with row 0 (all rows end at the same column under its left padding), each row's
-trailing text rows get the per-row EOS re-marking (§6.2; a row whose thinker stopped before the longest one sees
-its EOS projection, then tts_eos, then tts_pad), the talker runs every row together and each row stops at its own
-codec EOS, and each row's waveform is cut at its own length. `talker_prompt` / `frames` / `stream` serve one
-request.
+Batches (`talker_prompts`, `waveforms`) follow the reference's batched `generate`: the assistant part is located
+with row 0 (all rows end at the same column under its left padding), each row's trailing text rows get the
+per-row EOS re-marking (§6.2; a row whose thinker stopped before the longest one sees its EOS projection, then
+tts_eos, then tts_pad), each row stops at its own codec EOS, and each row's waveform is cut at its own length.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +35,7 @@ from omni_jax.config import OmniConfig
 from omni_jax.errors import OmniJaxError
 from omni_jax.generate import bucket
 from omni_jax.positions import get_rope_index
-from omni_jax.sampling import SamplingParams, next_token
+from omni_jax.sampling import SamplingParams
 
 SAMPLE_RATE = 24_000  # Code2Wav output rate (1920 samples per 12.5 Hz codec frame)
 # The code predictor's warpers when the talker samples (HF passes top_k=50, top_p=0.8; temperature stays at the
@@ -112,54 +106,6 @@ def _code2wav(graphdef, state, codes):
     return nnx.merge(graphdef, state)(codes)
 
 
-def _empty_cache(cfg, batch: int, cache_len: int, dtype):
-    shape = (batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
-
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("cache_len", "moe_impl"))
-def _prefill(graphdef, state, embeds, positions, last, *, cache_len: int, moe_impl: str):
-    """embeds [B, L, H] (rows right-padded), positions [3, B, L], last int [B] (each row's last prompt index) ->
-    (logits [B, V] and final-normed hidden [B, H] at each row's last prompt row, KV cache of cache_len positions).
-    Causal mask only: a row's valid positions never see its padding, and decoding overwrites the padding's cache
-    slots before they become visible."""
-    talker = nnx.merge(graphdef, state)
-    b, n, _ = embeds.shape
-    mask = jnp.tril(jnp.ones((n, n), bool))[None]
-    cache = _empty_cache(talker.cfg.text_config, b, cache_len, embeds.dtype)
-    logits, hidden, cache = talker(embeds, positions, mask, cache=cache, moe_impl=moe_impl)
-    at = last[:, None, None]
-    return (jnp.take_along_axis(logits, at, axis=1)[:, 0], jnp.take_along_axis(hidden, at, axis=1)[:, 0], cache)
-
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("params", "moe_impl"), donate_argnums=(2,))
-def _step(graphdef, state, cache, c0, h_last, text_row, write_idx, positions, rng, seen, suppress, *,
-          params: SamplingParams, moe_impl: str):
-    """One frame per row: residual codes of frame (c0, h_last), then the talker step that yields the next c0.
-
-    c0 int [B]; h_last [B, H] (final-normed talker state of the previous position); text_row [B, H];
-    write_idx int [B]; positions [3, B, 1]; seen bool [B, V] (codec ids sampled so far, c0 included);
-    suppress bool [V]. params: the talker's sampling (its seed is not used here: `rng` is).
-    Returns (frame codes int [B, G], next c0 [B], h_last [B, H], cache).
-    """
-    talker = nnx.merge(graphdef, state)
-    rng_cp, rng_talker = jax.random.split(rng)
-    with jax.named_scope("code_predictor"):
-        residual = talker.code_predictor.predict_frame(
-            h_last, talker.embed_codes(c0), greedy=params.greedy, rng=rng_cp, temperature=CP_TEMPERATURE,
-            top_k=CP_TOP_K, top_p=CP_TOP_P)
-    with jax.named_scope("talker_step"):
-        x = talker.next_frame_embedding(c0, residual) + text_row.astype(h_last.dtype)
-        s = cache[0][0].shape[1]
-        mask = jnp.arange(s)[None, None, :] <= write_idx[:, None, None]
-        logits, hidden, cache = talker(x[:, None], positions, mask, cache=cache, cache_start=write_idx,
-                                       moe_impl=moe_impl)
-    with jax.named_scope("sample_codec"):
-        nxt = next_token(logits[:, 0], rng_talker, params, seen=seen, suppress=suppress)
-    frame = jnp.concatenate([c0[:, None], residual], axis=1)
-    return frame, nxt, hidden[:, 0], cache
-
-
 @dataclasses.dataclass
 class TalkerPrompt:
     """The talker's input for one request (or one row of a batch: `SpeechGenerator.talker_prompts`).
@@ -194,7 +140,7 @@ class SpeechGenerator:
     """Holds the compiled talker / code2wav functions of one model; reuse it across requests.
 
     thinker: used only for the input embeddings of tts_bos / tts_eos / tts_pad; talker, code2wav: the modules.
-    mesh / rules: as ThinkerGenerator's: the talker and code2wav parameters sit at their rule shardings and every
+    mesh / rules: as the engine's: the talker and code2wav parameters sit at their rule shardings and every
     compiled call runs under the mesh (the talker's MoE layers dispatch experts over the `expert` axis).
     """
 
@@ -354,7 +300,6 @@ class SpeechGenerator:
         trailing_len: entries of the trailing text (the reference's batch-wide length); first_eos: index of the
         row's first generated EOS when the row stopped before the batch did (None otherwise)."""
         cfg, tcfg = self.cfg, self.tcfg
-        rows = hidden_embed.shape[0]
         users = user_positions(ids, cfg)
 
         text_rows, mm_rows = self.project_rows(hidden_embed, hidden_accept)
@@ -414,157 +359,6 @@ class SpeechGenerator:
             n_window=self.cfg.thinker_config.audio_config.n_window, dtype=np.float32)
         return pos[:, 0]
 
-    # -- talker decoding (§6.3) -------------------------------------------------------------------------------
-    def prefill_logits(self, tp: TalkerPrompt) -> np.ndarray:
-        """Talker prefill logits at the last prompt row, fp32 [V] (for tests and inspection)."""
-        n = tp.embeds.shape[0]
-        with self._on_mesh():
-            logits, _, _ = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
-                                    jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
-                                    cache_len=bucket(n + 1), moe_impl=self.moe_impl)
-        return np.asarray(logits[0], np.float32)
-
-    def frames(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
-               state: dict | None = None) -> Iterator[np.ndarray]:
-        """Yield codec frames int32 [G] as they are produced.
-
-        At most `max_new_tokens` codebook-0 codes are sampled (the first by the prefill); every sampled code but
-        codec EOS and the last one of the budget is expanded into a frame, so at most max_new_tokens - 1 frames.
-        `state`, when given, receives "codec_tokens" (list of sampled codebook-0 ids) and "finished" (EOS seen).
-        """
-        if max_new_tokens < 2:
-            raise SpeechError(f"talker max_new_tokens must be >= 2 (N sampled codes give at most N-1 frames), got "
-                              f"{max_new_tokens}")
-        sampling = sampling or talker_sampling()
-        state = {} if state is None else state
-        n = tp.embeds.shape[0]
-        cache_len = bucket(n + max_new_tokens)
-        vocab = self.tcfg.text_config.vocab_size
-        eos = self.tcfg.codec_eos_token_id
-        rng = jax.random.PRNGKey(sampling.seed)
-        step_params = dataclasses.replace(sampling, seed=0)  # static: one compile for every seed
-        with self._on_mesh():
-            logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(tp.embeds[None], self.dtype),
-                                             jnp.asarray(tp.positions[:, None]), jnp.full((1,), n - 1, jnp.int32),
-                                             cache_len=cache_len, moe_impl=self.moe_impl)
-        rng, sub = jax.random.split(rng)
-        # Repetition penalty over generated codec ids only (the talker's `input_ids` start empty).
-        seen = jnp.zeros((1, vocab), bool)
-        c0 = next_token(logits, sub, sampling, seen=seen, suppress=self.suppress)
-        trailing = jnp.asarray(tp.trailing, self.dtype)
-        pad_row = jnp.asarray(tp.tts_pad[None], self.dtype)
-        last_pos = tp.positions[:, -1].astype(np.float32)  # the reference appends last + 1 per axis each step
-        tokens: list[int] = []
-        state.update(codec_tokens=tokens, finished=False)
-        for step in range(max_new_tokens):
-            tok = int(np.asarray(c0)[0])
-            tokens.append(tok)
-            if tok == eos:
-                state["finished"] = True
-                return
-            if step == max_new_tokens - 1:
-                return  # budget spent: the last code is never expanded (the reference does the same)
-            seen = seen.at[0, tok].set(True)
-            text_row = trailing[step][None] if step < trailing.shape[0] else pad_row
-            pos = jnp.asarray((last_pos + 1 + step)[:, None, None])
-            rng, sub = jax.random.split(rng)
-            with self._on_mesh():
-                frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
-                                                 jnp.full((1,), n + step, jnp.int32), pos, sub, seen,
-                                                 self.suppress, params=step_params, moe_impl=self.moe_impl)
-            yield np.asarray(frame[0], np.int32)
-
-    def generate_codes(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096,
-                       sampling: SamplingParams | None = None) -> SpeechResult:
-        state: dict = {}
-        frames = list(self.frames(tp, max_new_tokens=max_new_tokens, sampling=sampling, state=state))
-        g = self.tcfg.num_code_groups
-        codes = np.stack(frames, axis=1) if frames else np.zeros((g, 0), np.int32)
-        return SpeechResult(codes, list(state["codec_tokens"]), bool(state["finished"]))
-
-    def frames_batch(self, tps: list[TalkerPrompt], *, max_new_tokens: int = 4096,
-                     sampling: SamplingParams | None = None, state: dict | None = None
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Decode several talker prompts together (the reference's batched talker `generate`).
-
-        Yields (frames int32 [B, G], emitted bool [B]) per step: row b produced frames[b] at this step iff
-        emitted[b]. Each row follows `frames`' rules on its own (a row stops at its codec EOS; the batch stops
-        when every row has, or after `max_new_tokens` sampled codes). Rows are right-padded to one bucketed length
-        and each writes its cache at its own index. Greedy rows equal their `frames` result; sampled rows draw
-        from one key per step for the whole batch (not the per-request streams of `frames`).
-        `state`, when given, receives "codec_tokens" (per row list of sampled codebook-0 ids) and "finished"
-        (per row: codec EOS seen).
-        """
-        if max_new_tokens < 2:
-            raise SpeechError(f"talker max_new_tokens must be >= 2 (N sampled codes give at most N-1 frames), got "
-                              f"{max_new_tokens}")
-        if not tps:
-            raise SpeechError("frames_batch needs at least one talker prompt")
-        sampling = sampling or talker_sampling()
-        state = {} if state is None else state
-        b = len(tps)
-        lengths = np.array([tp.embeds.shape[0] for tp in tps], np.int32)
-        width = bucket(int(lengths.max()))
-        hidden = tps[0].embeds.shape[1]
-        embeds = np.zeros((b, width, hidden), np.float32)
-        positions = np.zeros((3, b, width), np.float32)  # padding positions: never seen by a valid row
-        n_trail = max(tp.trailing.shape[0] for tp in tps)
-        trailing = np.broadcast_to(tps[0].tts_pad, (b, n_trail, hidden)).astype(np.float32)  # tts_pad past the end
-        for i, tp in enumerate(tps):
-            embeds[i, :lengths[i]] = tp.embeds
-            positions[:, i, :lengths[i]] = tp.positions
-            trailing[i, :tp.trailing.shape[0]] = tp.trailing
-        last_pos = positions[:, np.arange(b), lengths - 1]  # [3, B]; the reference appends last + 1 per step
-        cache_len = bucket(width + max_new_tokens)
-        vocab = self.tcfg.text_config.vocab_size
-        eos = self.tcfg.codec_eos_token_id
-        rng = jax.random.PRNGKey(sampling.seed)
-        step_params = dataclasses.replace(sampling, seed=0)  # static: one compile for every seed
-        with self._on_mesh():
-            logits, h_last, cache = _prefill(self.graphdef, self.state, jnp.asarray(embeds, self.dtype),
-                                             jnp.asarray(positions), jnp.asarray(lengths - 1), cache_len=cache_len,
-                                             moe_impl=self.moe_impl)
-        rng, sub = jax.random.split(rng)
-        seen = jnp.zeros((b, vocab), bool)  # repetition penalty over each row's generated codec ids only
-        c0 = next_token(logits, sub, sampling, seen=seen, suppress=self.suppress)
-        trailing = jnp.asarray(trailing, self.dtype)
-        pad_rows = jnp.asarray(np.broadcast_to(tps[0].tts_pad, (b, hidden)), self.dtype)
-        rows = jnp.arange(b)
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        finished = [False] * b
-        state.update(codec_tokens=tokens, finished=finished)
-        for step in range(max_new_tokens):
-            tok = np.asarray(c0)
-            active = np.zeros(b, bool)
-            for i in range(b):
-                if not finished[i]:
-                    tokens[i].append(int(tok[i]))
-                    finished[i] = bool(tok[i] == eos)
-                    active[i] = not finished[i]
-            if not active.any() or step == max_new_tokens - 1:
-                return  # every row stopped, or the budget is spent (the last codes are never expanded)
-            seen = seen.at[rows, c0].set(True)  # finished rows keep decoding (static batch); their output is unused
-            text_row = trailing[:, step] if step < n_trail else pad_rows
-            pos = jnp.asarray((last_pos + 1 + step)[:, :, None])
-            rng, sub = jax.random.split(rng)
-            with self._on_mesh():
-                frame, c0, h_last, cache = _step(self.graphdef, self.state, cache, c0, h_last, text_row,
-                                                 jnp.asarray(lengths + step), pos, sub, seen, self.suppress,
-                                                 params=step_params, moe_impl=self.moe_impl)
-            yield np.asarray(frame, np.int32), active
-
-    def generate_codes_batch(self, tps: list[TalkerPrompt], *, max_new_tokens: int = 4096,
-                             sampling: SamplingParams | None = None) -> list[SpeechResult]:
-        """`frames_batch` collected per row: one SpeechResult per prompt (codes cut at the row's own EOS)."""
-        state: dict = {}
-        per_row: list[list[np.ndarray]] = [[] for _ in tps]
-        for frames, emitted in self.frames_batch(tps, max_new_tokens=max_new_tokens, sampling=sampling, state=state):
-            for i in np.nonzero(emitted)[0]:
-                per_row[i].append(frames[i])
-        g = self.tcfg.num_code_groups
-        return [SpeechResult(np.stack(f, axis=1) if f else np.zeros((g, 0), np.int32), list(toks), bool(done))
-                for f, toks, done in zip(per_row, state["codec_tokens"], state["finished"])]
-
     # -- waveform (§7.6) ----------------------------------------------------------------------------------------
     def decode_batch(self, codes: np.ndarray) -> np.ndarray:
         """Code2Wav of int [B, G, T] codes -> float32 [B, 1920*T - 555]. Runs at a bucketed frame count (codes
@@ -608,52 +402,3 @@ class SpeechGenerator:
         wav = np.asarray(wav[:, 0], np.float32)
         lengths = [c.shape[-1] * self.total_upsample - self.tail_loss * -(-c.shape[-1] // chunk_size) for c in rows]
         return [w[:n] for w, n in zip(wav, lengths)]
-
-    # -- streaming ----------------------------------------------------------------------------------------------
-    def stream(self, tp: TalkerPrompt, *, max_new_tokens: int = 4096, sampling: SamplingParams | None = None,
-               group_frames: int = 4, left_context: int = 25, state: dict | None = None,
-               on_frame: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 waveform chunks at SAMPLE_RATE while the talker produces frames.
-
-        Every `group_frames` new frames (and once more at the end for a partial group), frames [s, e) are decoded
-        together with up to `left_context` earlier frames, i.e. the window [s - c, e) with c = min(left_context, s),
-        and the chunk is that window's output for absolute samples [max(0, 1920 s - 555), 1920 e - 555). The last
-        555 samples of a window depend on frame e, which has not been produced yet, so they are held back and come
-        from the next window instead (no gap, unlike the reference's chunked decode, which drops them per chunk).
-
-        Concatenated, the chunks have the offline length 1920 T - 555 and equal the offline decode `code2wav(codes)`
-        wherever each window reaches back to frame 0 (T <= left_context + group_frames, or left_context >= T);
-        beyond that they differ only through the truncated left context (as the reference's chunks do). For
-        T <= 300 the reference's waveform is that offline decode.
-        Every window is decoded at one static frame count (left_context + group_frames, right-padded: causal).
-        """
-        if group_frames < 1 or left_context < 1:
-            # One frame of context is needed to re-create the 555 held-back samples before a window's first frame.
-            raise SpeechError(f"group_frames and left_context must be >= 1, got {group_frames}, {left_context}")
-        up, loss = self.total_upsample, self.tail_loss
-        window = left_context + group_frames
-        frames: list[np.ndarray] = []
-        start = 0  # first frame not yet emitted
-
-        def chunk(end: int) -> np.ndarray:
-            ctx = min(left_context, start)
-            codes = np.stack(frames[start - ctx:end], axis=1)
-            padded = np.pad(codes, ((0, 0), (0, window - codes.shape[1])))
-            self.code2wav.validate_codes(codes[None])
-            with self._on_mesh():
-                wav = _code2wav(self._c2w_graphdef, self._c2w_state, jnp.asarray(padded[None]))
-            wav = np.asarray(wav[0, 0], np.float32)
-            first = max(0, start * up - loss) - (start - ctx) * up  # absolute -> window sample index
-            return wav[first:end * up - loss - (start - ctx) * up]
-
-        for frame in self.frames(tp, max_new_tokens=max_new_tokens, sampling=sampling, state=state):
-            frames.append(frame)
-            if on_frame is not None:
-                on_frame(len(frames))
-            if len(frames) - start == group_frames:
-                out = chunk(len(frames))
-                start = len(frames)
-                yield out
-        if len(frames) > start:
-            yield chunk(len(frames))
-

@@ -297,18 +297,19 @@ def section_speak():
     expert-parallel FFN records the hidden sizes it ran at (thinker 64, talker 32)."""
     import soundfile
 
-    from omni_jax import speech
+    from omni_jax.serving import speech
 
     model = os.environ["OMNI_JAX_SPEECH_MODEL"]
     d = tempfile.mkdtemp()
     msgs = _speak_messages(d)
     seen: dict = {"ep_hidden": set()}
-    generate_codes, ffn_ep = speech.SpeechGenerator.generate_codes, EP.expert_ffn_ep
+    generate_codes, ffn_ep = speech.SpeechStage.release, EP.expert_ffn_ep
 
-    def spy_codes(self, *a, **k):
+    def spy_codes(self, *a, **k):  # the engine's speech stage hands over a request's codes here
         res = generate_codes(self, *a, **k)
-        experts = [v for p, v in nnx.to_flat_state(self.state) if "experts" in p and p[-1] == "gate_proj"]
-        seen.update(codes=res.codes, talker_expert_spec=str(getattr(experts[0].get_value().sharding, "spec", None)))
+        experts = [v for p, v in nnx.to_flat_state(self.talker.state) if "experts" in p and p[-1] == "gate_proj"]
+        seen.update(codes=res["codes"],
+                    talker_expert_spec=str(getattr(experts[0].get_value().sharding, "spec", None)))
         return res
 
     def spy_ep(x, *a, **k):
@@ -316,7 +317,7 @@ def section_speak():
         return ffn_ep(x, *a, **k)
 
     out = {}
-    speech.SpeechGenerator.generate_codes, EP.expert_ffn_ep = spy_codes, spy_ep
+    speech.SpeechStage.release, EP.expert_ffn_ep = spy_codes, spy_ep
     try:
         for spec in (None, "expert=4,data=2"):
             wav_path = os.path.join(d, f"{spec}.wav")
@@ -334,7 +335,7 @@ def section_speak():
                               "ep_hidden_sizes": sorted(seen["ep_hidden"])}
             seen["ep_hidden"] = set()
     finally:
-        speech.SpeechGenerator.generate_codes, EP.expert_ffn_ep = generate_codes, ffn_ep
+        speech.SpeechStage.release, EP.expert_ffn_ep = generate_codes, ffn_ep
     mesh_run, ref = out["expert=4,data=2"], out["None"]
     if isinstance(mesh_run, dict) and isinstance(ref, dict):
         a, b = mesh_run.pop("waveform"), ref.pop("waveform")

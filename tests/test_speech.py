@@ -9,6 +9,7 @@ the returned waveform. Bad codes for Code2Wav are covered by tests/test_code2wav
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -252,12 +253,11 @@ def test_streaming(session, hf, text_run):
     t = codes.shape[1]
 
     def run(group, ctx):
-        produced, at_yield = [0], []
-        chunks = []
+        at_yield, chunks = [], []
         for c in sg.stream(tp, max_new_tokens=TALKER_TOKENS, sampling=talker_sampling(greedy=True),
-                           group_frames=group, left_context=ctx, on_frame=lambda n: produced.__setitem__(0, n)):
-            at_yield.append(produced[0])
-            chunks.append(c)
+                           group_frames=group, left_context=ctx):
+            at_yield.append(c.num_codec_frames)  # frames produced when the chunk was made
+            chunks.append(c.samples)
         return chunks, at_yield
 
     # Full left context: identical (up to fp32 noise) to the offline decode HF returns.
@@ -286,9 +286,10 @@ def test_session_stream_speech(session):
     state = {}
     chunks = list(session.stream_speech(chat.parse_messages(TEXT), max_new_tokens=THINKER_TOKENS,
                                         sampling=session.sampling(greedy=True), talker_max_new_tokens=6,
-                                        talker=talker_sampling(greedy=True), group_frames=2, state=state))
+                                        talker=talker_sampling(greedy=True), state=state))
     up = session.speech.total_upsample
-    assert [len(c) for c in chunks] == [2 * up - session.speech.tail_loss, 2 * up, up]  # 5 frames in groups of 2
+    assert session.speech.group_frames == 4
+    assert [len(c) for c in chunks] == [4 * up - session.speech.tail_loss, up]  # 5 frames in groups of 4
     assert len(state["codec_tokens"]) == 6 and state["text"]["token_ids"]
 
 
@@ -332,6 +333,22 @@ def test_cli_speak(tiny_hf_dir, tiny_hf_dir_factory, text_run, tmp_path, capsys)
     wav, sr = sf.read(wav_path, dtype="float32")
     assert sr == SAMPLE_RATE and sf.info(wav_path).subtype == "FLOAT"
     np.testing.assert_allclose(wav, cap["wav"], rtol=0, atol=WAV_ATOL)
+
+    # --stream: the text as it comes, the wav written chunk by chunk (each chunk's arrival time on stderr); the
+    # finished file equals the non-streaming one (every window of these frames reaches back to frame 0; Code2Wav
+    # runs at other padded lengths, so fp32 rounding differs: measured max 1.6e-5).
+    stream_path = str(tmp_path / "stream.wav")
+    code = cli.main(["generate", "--model", tiny_hf_dir, "--messages", str(msgs), "--greedy", "--max-new-tokens",
+                     str(THINKER_TOKENS), "--speak", stream_path, "--talker-max-new-tokens", str(TALKER_TOKENS),
+                     "--stream"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == res["text"] + "\n"
+    times = [float(t) for t in re.findall(r"audio chunk \d+: \d+ samples .* at ([0-9.]+) s", err)]
+    assert len(times) == -(-(TALKER_TOKENS - 1) // 4) and times == sorted(times)
+    streamed, sr = sf.read(stream_path, dtype="float32")
+    assert sr == SAMPLE_RATE and streamed.shape == wav.shape
+    np.testing.assert_allclose(streamed, wav, rtol=0, atol=1e-4)
 
     for model, extra, needle in ((tiny_hf_dir_factory("a", "v5", False), (), "no speech output"),
                                  (tiny_hf_dir, ("--speaker", "Zed"), "unknown speaker 'Zed'")):

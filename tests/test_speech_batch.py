@@ -139,18 +139,23 @@ def run_batch(session, convs):
 
 
 def rebuild_prompts(session, prompts, outs):
-    """The talker prompts of a batch, rebuilt through the public pieces (thinker batch + talker_prompts)."""
-    from omni_jax.generate import text_prompt_batch
+    """The talker prompts of a batch, rebuilt through the public pieces (engine requests returning the prompt's
+    hidden states, the fed-back tokens' input embeddings, talker_prompts)."""
+    from omni_jax.serving.protocol import Request
 
     k = session.cfg.talker_config.accept_hidden_layer
-    batch = text_prompt_batch(prompts)
-    res = session.generator.generate(batch, max_new_tokens=THINKER_TOKENS, sampling=session.sampling(greedy=True),
-                                     stop_ids=session.stop_ids(), collect_hidden=(0, k))
-    assert res.token_ids == [o["token_ids"] for o in outs]
-    steps, width = max(map(len, res.token_ids)), batch.input_ids.shape[1]
-    rows = [[np.concatenate([res.hidden[j][i, :len(p)], res.hidden[j][i, width:width + min(len(t), steps - 1)]])
-             for i, (p, t) in enumerate(zip(prompts, res.token_ids))] for j in (0, k)]
-    return session.speech.talker_prompts(prompts, res.token_ids, rows[0], rows[1], speaker="Ethan")
+    engine = session.engine
+    fins = [engine.run(Request(chat.parse_messages(c), max_new_tokens=THINKER_TOKENS,
+                               sampling=session.sampling(greedy=True), return_hidden=True))[-1] for c in CONVS]
+    assert [f.token_ids for f in fins] == [o["token_ids"] for o in outs]
+    steps = max(len(f.token_ids) for f in fins)
+    rows = []
+    for p, f in zip(prompts, fins):
+        fed = engine.thinker.embed_tokens(np.asarray(f.token_ids[:min(len(f.token_ids), steps - 1)], np.int32))
+        rows.append((np.concatenate([f.hidden[0][:len(p)], fed]),
+                     np.concatenate([f.hidden[k][:len(p)], np.zeros_like(fed)])))
+    return session.speech.talker_prompts(prompts, [f.token_ids for f in fins], [r[0] for r in rows],
+                                         [r[1] for r in rows], speaker="Ethan")
 
 
 def test_batch_matches_transformers(session, hf, prompts, base):
@@ -180,7 +185,7 @@ def test_early_thinker_eos_and_talker_eos_match_transformers(session, hf, prompt
     row, step = 2, 2
     target = int(base["generated"][row, step])
     assert target not in base["generated"][row, :step]
-    gen, sg = session.generator, session.speech
+    gen, sg = session.engine.thinker, session.speech
     old_thinker, old_talker = gen.state, sg.state
     lm_head, codec_head = hf.thinker.lm_head.weight, hf.talker.codec_head.weight
     eos = session.cfg.talker_config.codec_eos_token_id

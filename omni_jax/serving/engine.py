@@ -314,13 +314,19 @@ class ThinkerSlots:
         embeds = np.asarray(embeds[0, :n])
         return embeds, None if deepstack is None else [np.asarray(d[0, :n]) for d in deepstack]
 
-    def warmup(self, speech: bool = False):
-        """Compile every prefill bucket (ids and embeds variants), insert and the decode chunk, on scratch slot 0
-        (left inactive)."""
+    def warmup(self, deepstack_levels: int = 0):
+        """Compile every prefill bucket (token ids; media embeddings; with `deepstack_levels`, embeddings plus
+        DeepStack features), insert and the decode chunk, on scratch slot 0 (left inactive). The encoders
+        themselves compile per media shape on first use."""
         for t in prefill_buckets(self.prefill_chunk):
             pos = np.zeros((3, t), np.float32)
-            for embeds in (None, np.zeros((t, self.cfg.hidden_size), np.float32)):
-                logits, _ = self.prefill(0, 0, pos, ids=np.zeros(t, np.int32), embeds=embeds, last=0)
+            zeros = np.zeros((t, self.cfg.hidden_size), np.float32)
+            variants = [(None, None), (zeros, None)]
+            if deepstack_levels:
+                variants.append((zeros, [zeros] * deepstack_levels))
+            for embeds, deepstack in variants:
+                logits, _ = self.prefill(0, 0, pos, ids=np.zeros(t, np.int32), embeds=embeds, deepstack=deepstack,
+                                         last=0)
                 self.first_token(logits, SamplingParams(), 0, None)
         self.insert(0, tok=0, idx=0, delta=0.0, remaining=0, seed=0, count=1, sampling=SamplingParams())
         self.deactivate(0)

@@ -143,7 +143,8 @@ class Engine:
     def warmup(self):
         """Compile every step (prefill buckets, decode chunk, talker and Code2Wav steps)."""
         with self._loop_lock:
-            self.thinker.warmup()
+            vision = self.cfg.thinker_config.vision_config
+            self.thinker.warmup(deepstack_levels=len(vision.deepstack_visual_indexes) if vision is not None else 0)
             if self.speech is not None:
                 self.speech.warmup()
         self.warm = True

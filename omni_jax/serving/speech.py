@@ -32,11 +32,27 @@ from flax import nnx
 from omni_jax import sharding as S
 from omni_jax.generate import bucket
 from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_values
-from omni_jax.serving.engine import (cache_mask, empty_cache, place_params, prefill_buckets, put_row, replicated,
-                                     split_chunks, take_row)
+from omni_jax.serving.engine import (
+    cache_mask,
+    empty_cache,
+    place_params,
+    prefill_buckets,
+    put_row,
+    replicated,
+    split_chunks,
+    take_row,
+)
 from omni_jax.serving.protocol import AudioChunk, Request, RequestError
-from omni_jax.speech import (CP_TOP_K, CP_TOP_P, SAMPLE_RATE, SpeechError, SpeechGenerator, assistant_start,
-                             speaker_id, talker_sampling)
+from omni_jax.speech import (
+    CP_TOP_K,
+    CP_TOP_P,
+    SAMPLE_RATE,
+    SpeechError,
+    SpeechGenerator,
+    assistant_start,
+    speaker_id,
+    talker_sampling,
+)
 
 
 class WaveStream:
@@ -273,7 +289,7 @@ class SpeechStage:
         self.cfg = engine.cfg
         self.sg = SpeechGenerator(self.cfg, model.thinker, model.talker, model.code2wav, mesh=mesh, rules=rules)
         th = engine.thinker
-        embed = th.state["model"]["embed_tokens"]["embedding"].value
+        embed = th.state["model"]["embed_tokens"]["embedding"][...]
         self.talker = TalkerSlots(model.talker, embed, slots=slots, context=context or engine.max_context + 16,
                                   chunk_steps=chunk_steps, prefill_chunk=min(prefill_chunk, th.prefill_chunk),
                                   mesh=mesh, rules=rules)
@@ -296,7 +312,7 @@ class SpeechStage:
         self.sg.project_rows(np.zeros((1, h), np.float32), np.zeros((1, h), np.float32))
         self.sg._codec_rows([0] * 6)
         wave = self._wave()
-        for f in range(wave.window):
+        for _ in range(wave.window):
             wave.push(np.zeros(self.talker.groups, np.int32))
         wave.flush()
 
@@ -374,7 +390,8 @@ class SpeechStage:
         """AudioChunks of one talker prompt built in advance, as the engine streams them (`WaveStream` with the
         given window, default the engine's). `state` receives "codec_tokens" and "finished"."""
         wave = WaveStream(self._decode_window, self.sg.total_upsample, self.sg.tail_loss,
-                          group_frames or self.group_frames, left_context or self.left_context)
+                          self.group_frames if group_frames is None else group_frames,
+                          self.left_context if left_context is None else left_context)
         handle = self._talk([tp], max_new_tokens, sampling, stream_audio=True, wave=wave)[0]
         from omni_jax.inference import _drain
 
