@@ -117,6 +117,24 @@ def _add_init(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out as a whole")
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve the model over OpenAI-compatible HTTP (chat completions, speech)",
+                       description="Start an OpenAI-compatible server: POST /v1/chat/completions (text and audio "
+                                   "in, text and streamed speech out), GET /v1/models, /health, /metrics. Requests "
+                                   "share the engine's decode slots (continuous batching); inline media is decoded "
+                                   "to temporary files, and local media paths in requests are read by the server.")
+    p.add_argument("--model", required=True, help="HF model directory or Orbax checkpoint written by convert")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond it the server "
+                                                             "answers 503 with Retry-After")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--no-speech", action="store_true", help="do not load the talker / code2wav (text replies only; "
+                                                             "default: speech when the checkpoint has it)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+
+
 def _size(s: str) -> int:
     from omni_jax.cli_checks import parse_size
 
@@ -318,6 +336,18 @@ def _add_train(sub):
     distributed.add_args(p)
 
 
+def cmd_serve(a) -> int:
+    from omni_jax.serving.server import serve
+
+    def load():  # runs in the server's loading thread; the server warms the engine up before starting it
+        from omni_jax.serving.scheduler import Engine
+
+        return Engine.from_dir(a.model, dtype=a.dtype, mesh=a.mesh, rules=a.rules, max_slots=a.max_slots,
+                               max_queue=a.max_queue, speech=False if a.no_speech else None, warmup=False)
+
+    return serve(load, host=a.host, port=a.port, log_level=a.log_level)
+
+
 def cmd_train(a) -> int:
     import logging
 
@@ -348,6 +378,8 @@ def main(argv=None) -> int:
     _add_convert(sub)
     _add_init(sub)
     _add_train(sub)
+    _add_serve(sub)
+    _add_mesh_args(sub.choices["serve"])
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     a, extra = parser.parse_known_args(argv)
@@ -355,7 +387,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     a.overrides = extra
     handlers = {"generate": cmd_generate, "convert": cmd_convert, "init": cmd_init, "plan": cmd_plan,
-                "train": cmd_train}
+                "train": cmd_train, "serve": cmd_serve}
     from omni_jax.cli_checks import check_args
     from omni_jax.errors import user_errors
 

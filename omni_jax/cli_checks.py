@@ -203,7 +203,19 @@ def _train(a) -> None:
     check_mesh(a.mesh)
 
 
-CHECKS = {"generate": _generate, "convert": _convert, "init": _init, "plan": _plan, "train": _train}
+def _serve(a) -> None:
+    check_model_dir(a.model)
+    check_int(a.port, "--port", low=0, allow_none=False)
+    if a.port > 65535:
+        raise ArgumentError(f"--port must be <= 65535, got {a.port}")
+    check_int(a.max_slots, "--max-slots", low=1, allow_none=False)
+    check_int(a.max_queue, "--max-queue", low=1, allow_none=False)
+    check_rules(a.rules)
+    check_mesh(a.mesh)
+
+
+CHECKS = {"generate": _generate, "convert": _convert, "init": _init, "plan": _plan, "train": _train,
+          "serve": _serve}
 
 
 def check_args(a) -> None:
