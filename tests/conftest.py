@@ -15,8 +15,15 @@ Fixtures (all session-scoped, each directory built once per test session):
 """
 
 
-import hf_fixtures  # noqa: F401  (must precede any transformers import)
-import pytest
+import os
+
+# libtpu is installed (the tpu extra) for compiling to TPU topologies; nothing here has a TPU, so JAX must not try
+# to open one (each process, subprocesses included, would otherwise probe for it and contend for its lock file).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import hf_fixtures  # noqa: E402, F401  (must precede any transformers import)
+import pytest  # noqa: E402
 
 
 def pytest_runtest_setup(item):
