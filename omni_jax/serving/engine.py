@@ -95,6 +95,13 @@ def put_row(cache: list, row: list, slot) -> list:
                   for c, r in zip(kv, rkv)) for kv, rkv in zip(cache, row)]
 
 
+def put_tree(tree, mesh):
+    """Host values -> device (replicated over the mesh, a global array on every process, when there is one)."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    return jax.tree.map(lambda x: S.put_global(np.asarray(x), mesh), tree)
+
+
 def replicated(tree):
     """Pin arrays the host reads back to be replicated under the active mesh (identity without one)."""
     return jax.tree.map(lambda a: S.constrain(a, (None,) * a.ndim), tree)
@@ -189,10 +196,7 @@ class ThinkerSlots:
         return S.on_mesh(self.mesh, self.rules)
 
     def put(self, tree):
-        """Host values -> device (replicated over the mesh when there is one)."""
-        if self.mesh is None:
-            return jax.tree.map(jnp.asarray, tree)
-        return jax.tree.map(lambda x: S.put_global(np.asarray(x), self.mesh), tree)
+        return put_tree(tree, self.mesh)
 
     # -- compiled steps ------------------------------------------------------------------------------------
     def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):

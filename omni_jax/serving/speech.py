@@ -38,6 +38,7 @@ from omni_jax.serving.engine import (
     place_params,
     prefill_buckets,
     put_row,
+    put_tree,
     replicated,
     split_chunks,
     take_row,
@@ -158,9 +159,7 @@ class TalkerSlots:
         return S.on_mesh(self.mesh, self.rules)
 
     def put(self, tree):
-        if self.mesh is None:
-            return jax.tree.map(jnp.asarray, tree)
-        return jax.tree.map(lambda x: S.put_global(np.asarray(x), self.mesh), tree)
+        return put_tree(tree, self.mesh)
 
     def _prefill_impl(self, state, cache, slot, start, embeds, positions, last):
         """embeds [1, T, H], positions float32 [3, 1, T] into `slot` at cache index `start` -> (logits [V] and
