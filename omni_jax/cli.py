@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from omni_jax import distributed
@@ -398,6 +399,14 @@ def main(argv=None) -> int:
         if a.debug:
             raise
         print(f"omni-jax {a.cmd}: error: {e}", file=sys.stderr)
+        from omni_jax.checkpoint.validate import BrokenCheckpointError
+
+        if argv is None and isinstance(e, BrokenCheckpointError):
+            # A failed TensorStore read leaves Orbax's event-loop threads behind; at interpreter shutdown they print
+            # "Event loop is closed" tracebacks. Nothing is left to write on this path: leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except Exception as e:  # a bug, or bad input not yet recognised: one line; --debug shows the traceback
         if a.debug:

@@ -120,6 +120,6 @@ def test_cli_bad_rules_and_mesh_spec(tmp_path, capsys):
 
     config = os.path.join(os.path.dirname(HERE), "configs/toy.py:quick")
     assert cli.main(["train", "--config", config, "--workdir", str(tmp_path / "a"), "--rules", "zero3"]) == 2
-    assert "unknown sharding rules 'zero3'" in capsys.readouterr().err
+    assert "--rules 'zero3': unknown sharding rules" in capsys.readouterr().err
     assert cli.main(["train", "--config", config, "--workdir", str(tmp_path / "b"), "--mesh", "expert=3"]) == 2
     assert "multiply to 3 but there are 1 devices" in capsys.readouterr().err
