@@ -17,7 +17,10 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = dict(preset="toy", init_from="", parts=("thinker",), seed=0, dtype="float32")
+    # The talker, code predictor and Code2Wav ride along untrained (frozen below), so the export speaks:
+    # `omni-jax generate --speak` works on it (the voice is noise until `:talker` trains one).
+    c.model = dict(preset="toy", init_from="", parts=("thinker", "talker", "code2wav"), seed=0,
+                   dtype="float32")
     c.toy = dict(enabled=True, n_train=3000, n_eval=150, seed=0, tasks="audio,image,image,text")
     c.data = dict(train_file="", eval_file="", seq_len=48, batch_size=16, audio_slots=1, audio_frames=104,
                   image_slots=1, image_size=(64, 64), seed=0, max_bad_records=1000, max_bad_fraction=0.1,
@@ -30,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rules preset (default, fsdp, fsdp_ep, ep_tp). `omni-jax train --mesh SPEC --rules NAME` overrides both.
     c.mesh = dict(spec="", rules="default")
     c.train = dict(steps=1200, log_every=20, eval_every=300, eval_max_examples=150, ckpt_every=300, keep_ckpts=2,
-                   freeze="", peak_flops=0.0, seed=0, export=True, async_checkpoint=True, debug_sigkill_at=0,
+                   freeze="thinker_only", peak_flops=0.0, seed=0, export=True, async_checkpoint=True, debug_sigkill_at=0,
                    debug_sigterm_at=0)
     if arg == "quick":
         c.toy.update(n_train=48, n_eval=12)

@@ -392,6 +392,7 @@ def main(argv=None) -> int:
     from omni_jax.cli_checks import check_args
     from omni_jax.errors import user_errors
 
+    distributed.skip_absent_tpu()
     try:
         check_args(a)  # every argument before any work
         return handlers[a.cmd](a)

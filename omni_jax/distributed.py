@@ -67,6 +67,22 @@ def cluster_detected(env=None) -> str | None:
     return None
 
 
+def skip_absent_tpu(env=None) -> bool:
+    """On a machine without TPU chips or a GPU, with JAX_PLATFORMS unset, use the CPU backend only: with libtpu
+    installed (the `tpu` extra, for compiling TPU programs from any machine) JAX otherwise initialises libtpu on
+    first use, which prints metadata-server warnings and an INVALID_ARGUMENT line on every command. Compiling for
+    a TPU topology (`plan --compile`) does not need the TPU backend. Returns whether it changed the setting."""
+    env = os.environ if env is None else env
+    if env.get("JAX_PLATFORMS") or _tpu_vm():
+        return False
+    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")):
+        return False  # a GPU machine: JAX picks its backend
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def _tpu_vm() -> bool:
     try:
         from jax._src import hardware_utils

@@ -164,7 +164,7 @@ def build_model(cfg, init_from: str | None, mesh=None, rules=S.DEFAULT_RULES):
     if cfg.model.preset == "toy":
         from omni_jax.train.toy import toy_model_config
 
-        mcfg = toy_model_config()
+        mcfg = toy_model_config(speech="talker" in parts or "code2wav" in parts)
     else:
         from omni_jax.config import preset
 

@@ -185,6 +185,8 @@ def write_toy_dataset(out_dir: str, n_train: int = 3000, n_eval: int = 150, seed
     return train, evals
 
 
-def toy_model_config() -> OmniConfig:
-    """The tiny preset without speech output (the thinker learns the toy task)."""
-    return tiny(enable_audio_output=False)
+def toy_model_config(speech: bool = False) -> OmniConfig:
+    """The tiny preset (the thinker learns the toy task); with `speech` it keeps its talker, code predictor and
+    Code2Wav (the main job exports them untrained, so the toy export can speak; `configs/toy.py:talker` trains a
+    talker)."""
+    return tiny(enable_audio_output=speech)
