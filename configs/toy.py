@@ -33,8 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rules preset (default, fsdp, fsdp_ep, ep_tp). `omni-jax train --mesh SPEC --rules NAME` overrides both.
     c.mesh = dict(spec="", rules="default")
     c.train = dict(steps=1200, log_every=20, eval_every=300, eval_max_examples=150, ckpt_every=300, keep_ckpts=2,
-                   freeze="thinker_only", peak_flops=0.0, seed=0, export=True, async_checkpoint=True, debug_sigkill_at=0,
-                   debug_sigterm_at=0)
+                   freeze="thinker_only", peak_flops=0.0, seed=0, export=True, async_checkpoint=True,
+                   debug_sigkill_at=0, debug_sigterm_at=0)
     if arg == "quick":
         c.toy.update(n_train=48, n_eval=12)
         c.data.update(batch_size=4)
