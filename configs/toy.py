@@ -43,7 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif arg == "check":
         c.toy.update(n_train=600, n_eval=60, tasks="image")
         c.optim.update(warmup_steps=20, total_steps=100)
-        c.train.update(steps=100, log_every=10, eval_every=100, eval_max_examples=60, ckpt_every=0, export=False)
+        c.train.update(steps=100, log_every=10, eval_every=100, eval_max_examples=60, ckpt_every=0, export=False,
+                       freeze="")
+        c.model.update(parts=("thinker",))  # nothing is exported: the speech parts would only cost time
     elif arg == "talker":
         c.model.update(preset="tiny", parts=("thinker", "talker"))
         c.toy.update(n_train=2000, n_eval=100, tasks="speak,speak,text")
