@@ -74,42 +74,36 @@ def _media(d):
 
 def test_serving_pallas_kernels_same_tokens_and_logits_on_transformers_checkpoint(tiny_hf_dir, tmp_path,
                                                                                   kernel_calls):
-    from omni_jax.inference import GenerationDefaults, load_model
+    """OmniSession (what `omni-jax generate` runs) with the defaults and with splash + megablox."""
+    from omni_jax.inference import OmniSession
     from omni_jax.processing import chat
-    from omni_jax.processing.tokenizer import Tokenizer
-    from omni_jax.serving import Request
-    from omni_jax.serving.scheduler import Engine
 
     prompts = _media(str(tmp_path))
-    model, cfg = load_model(tiny_hf_dir, parts=("thinker",))
-    tokenizer, defaults = Tokenizer.from_dir(tiny_hf_dir), GenerationDefaults.from_dir(tiny_hf_dir)
     results = {}
     for impls in ({}, PALLAS):
         # prefill_chunk 32: three prefill shapes (ids, embeds, embeds + DeepStack) serve every prompt.
-        engine = Engine(model, cfg, tokenizer, defaults, model_name="tiny", max_slots=1, max_context=320,
-                        chunk_steps=4, prefill_chunk=32, **impls)
+        session = OmniSession(tiny_hf_dir, max_slots=1, max_context=320, chunk_steps=4, prefill_chunk=32, **impls)
         last_logits = []
-        prefill = engine.thinker.prefill
+        prefill = session.engine.thinker.prefill
 
         def spy_prefill(*args, _prefill=prefill, _out=last_logits, **kw):
             out = _prefill(*args, **kw)
             _out.append(np.asarray(out[0]))
             return out
 
-        engine.thinker.prefill = spy_prefill
+        session.engine.thinker.prefill = spy_prefill
         for kind, messages in prompts.items():
-            req = Request(chat.parse_messages(messages, tmp_path), max_new_tokens=5,
-                          sampling=defaults.sampling(greedy=True))
-            fin = engine.run(req)[-1]
-            assert fin.finish_reason == "length", (impls, kind, fin)
-            results[bool(impls), kind] = fin.prompt_ids, fin.token_ids, last_logits[-1]
+            out = session.generate(chat.parse_messages(messages, tmp_path), max_new_tokens=5,
+                                   sampling=session.sampling(greedy=True))
+            results[bool(impls), kind] = out["prompt_token_ids"], out["token_ids"], last_logits[-1]
         if not impls:
             assert not kernel_calls, f"the defaults ran Pallas kernels: {kernel_calls}"
+        cfg = session.cfg
 
     for kind in prompts:
         (ids, tokens, logits), (p_ids, p_tokens, p_logits) = results[False, kind], results[True, kind]
         assert p_ids == ids
-        assert p_tokens == tokens, kind
+        assert p_tokens == tokens and len(tokens) == 5, kind
         # The last prefill chunk's logits (the whole prompt's last position): fp32 rounding apart (measured ~1e-6).
         np.testing.assert_allclose(p_logits, logits, rtol=0, atol=1e-5 * np.abs(logits).max(), err_msg=kind)
     assert len(results[False, "video"][0]) > 256  # the video filled 256 placeholders
@@ -127,7 +121,7 @@ def test_serving_pallas_kernels_same_tokens_and_logits_on_transformers_checkpoin
             ("splash", "vision_encoder.py", (2, 512, *vh), False, False): vc.depth,
             ("splash", "audio_encoder.py", (2, 104, *ah), False, True): ac.encoder_layers}
     assert {k: v for k, v in kernel_calls.items() if k[0] == "splash"} == want
-    assert kernel_calls["megablox", 32] >= tc.num_hidden_layers and kernel_calls["megablox", 1] == tc.num_hidden_layers
+    assert kernel_calls["megablox", 32] >= tc.num_hidden_layers and kernel_calls["megablox", 1] >= tc.num_hidden_layers
 
 
 def test_five_training_steps_pallas_equal_xla(tmp_path, kernel_calls):
