@@ -125,31 +125,35 @@ def test_serving_pallas_kernels_same_tokens_and_logits_on_transformers_checkpoin
 
 
 def test_five_training_steps_pallas_equal_xla(tmp_path, kernel_calls):
-    """The toy task (text rows right-padded: causal attention with per-row key lengths), batch 2, 5 optimizer
-    steps: per-step losses within 1e-5 and gradient norms within 1e-5 relative."""
+    """The toy task, image and text questions (rows right-padded: causal attention with per-row key lengths; one
+    64x64 picture slot per row: 16 patches per attention row in the vision encoder, trained too), batch 2, five
+    optimizer steps: per-step losses within 1e-5 and gradient norms within 1e-5 relative."""
     from omni_jax.train import loop as L
 
     def run(name, *overrides):
+        # toy.write_split alternates the tasks, so at least 4 of the 10 examples drawn from 12 are pictures.
         cfg = L.apply_overrides(L.load_config_file(os.path.join(REPO, "configs/toy.py:quick")), [
-            "--config.toy.tasks=text", "--config.toy.n_train=12", "--config.toy.n_eval=0",
-            "--config.data.audio_slots=0", "--config.data.image_slots=0", "--config.data.seq_len=32",
-            "--config.data.batch_size=2", "--config.train.steps=5", "--config.optim.total_steps=5",
-            "--config.train.ckpt_every=0", "--config.train.export=false",
-            r"--config.train.freeze=^thinker\.(audio_tower|visual)\.", *overrides])
+            "--config.toy.tasks=image,text", "--config.toy.n_train=12", "--config.toy.n_eval=0",
+            "--config.data.audio_slots=0", "--config.data.seq_len=32", "--config.data.batch_size=2",
+            "--config.train.steps=5", "--config.optim.total_steps=5", "--config.train.ckpt_every=0",
+            "--config.train.export=false", r"--config.train.freeze=^thinker\.audio_tower\.", *overrides])
         trainer = L.Trainer(cfg, str(tmp_path / name), progress=False)
-        assert trainer.run()["status"] == "done"
+        out = trainer.run()
+        assert (out["status"], out["bad_records"]) == ("done", 0)
         with open(tmp_path / name / "metrics.jsonl") as f:
             rows = [json.loads(line) for line in f]
-        return trainer.mcfg.thinker_config.text_config, np.array([(r["loss"], r["grad_norm"]) for r in rows])
+        return trainer.mcfg.thinker_config, np.array([(r["loss"], r["grad_norm"]) for r in rows])
 
     _, xla = run("xla")
     assert not kernel_calls
-    tc, pallas = run("pallas", "--config.loss.attention_impl=splash", "--config.loss.moe_impl=megablox")
+    th, pallas = run("pallas", "--config.loss.attention_impl=splash", "--config.loss.moe_impl=megablox")
     assert xla.shape == (5, 2)
     np.testing.assert_allclose(pallas[:, 0], xla[:, 0], rtol=0, atol=1e-5)  # measured: <= 5e-7
     np.testing.assert_allclose(pallas[:, 1], xla[:, 1], rtol=1e-5)
-    # One trace of the train step: splash (forward; its VJP runs splash's backward kernels) and megablox in every
-    # decoder layer, over all 2 x 32 token rows.
-    q = (2, 32, tc.num_attention_heads, tc.head_dim)
-    assert kernel_calls == {("splash", "thinker.py", q, True, True): tc.num_hidden_layers,
-                            ("megablox", 64): tc.num_hidden_layers}
+    # One trace of the train step: splash (forward; its VJP runs splash's backward kernels) in every vision block
+    # and decoder layer, and megablox in every decoder layer over all 2 x 32 token rows.
+    tc, vc = th.text_config, th.vision_config
+    assert kernel_calls == {
+        ("splash", "thinker.py", (2, 32, tc.num_attention_heads, tc.head_dim), True, True): tc.num_hidden_layers,
+        ("splash", "vision_encoder.py", (2, 16, vc.num_heads, vc.hidden_size // vc.num_heads), False, False): vc.depth,
+        ("megablox", 64): tc.num_hidden_layers}
