@@ -2,8 +2,8 @@
 
 - serving: on a tiny checkpoint written by transformers, text, audio, image and video prompts give the same greedy
   tokens, and prefill logits within fp32 rounding, with `attention_impl="splash", moe_impl="megablox"` as with the
-  defaults (one loaded model, two engines);
-- training: five optimizer steps of the toy task give the same per-step losses with
+  defaults (two OmniSessions, opened as `omni-jax generate` opens them);
+- training: five optimizer steps of the toy task (text and picture questions) give the same per-step losses with
   `loss.attention_impl=splash, loss.moe_impl=megablox` as with the XLA defaults.
 
 Spies record every call of the Pallas paths while the steps are traced, so a path that silently fell back to XLA
@@ -48,7 +48,7 @@ def kernel_calls(monkeypatch):
 
 
 def _media(d):
-    """A 8.5 s tone (2 audio-encoder attention windows: 104 + 7 tokens), two pictures of different sizes (16 and 24
+    """An 8.5 s tone (2 audio-encoder attention windows: 104 + 7 tokens), two pictures of different sizes (16 and 24
     patches: two per-image attention groups) and a 4-frame video at the processor's minimum frame size (2 temporal
     patches of 512 patches: one attention row per frame pair)."""
     import soundfile as sf
