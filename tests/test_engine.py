@@ -198,6 +198,30 @@ def test_audio_of_new_lengths_compiles_nothing(engine, hf, tmp_path):
     assert engine.compilations == compiled
 
 
+def test_warmup_image_sizes_cover_images_of_that_grid(engine, tmp_path):
+    """warmup(image_sizes=...) compiles the vision encoder for those sizes: afterwards an image of another pixel size
+    that resizes to the same grid (60x66 -> 64x64), alone or twice in one prompt (each image is encoded alone),
+    compiles nothing. Without the warm-up it would (control: an image of a new grid compiles)."""
+    from PIL import Image
+
+    engine.thinker.warmup(deepstack_levels=2, image_sizes=[(64, 64)])
+    compiled = engine.compilations
+    paths = []
+    for i, size in enumerate([(66, 60), (66, 60), (96, 64)]):  # PIL sizes are (width, height)
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (size[1], size[0], 3), np.uint8)).save(paths[-1])
+
+    def ask(*images):
+        content = [*({"type": "image", "path": p} for p in images), {"type": "text", "text": "what is it?"}]
+        return engine.run(Request(chat.parse_messages([{"role": "user", "content": content}]), max_new_tokens=2,
+                                  sampling=engine.sampling(greedy=True)))[-1]
+
+    assert ask(paths[0]).finish_reason == "length" and ask(paths[0], paths[1]).finish_reason == "length"
+    assert engine.compilations == compiled
+    ask(paths[2])
+    assert engine.compilations > compiled
+
+
 def while_loops(hlo: str) -> list[str]:
     return [line for line in hlo.splitlines() if re.search(r"\swhile\(", line)]
 

@@ -17,8 +17,14 @@ No threads and no request bookkeeping here (scheduler.py does that); every step 
   and checks stop strings between chunks. Inactive rows still run (static shapes) and write only their
   scratch position (context - 1, never read by a valid row).
 
-Every compiled shape is known up front: `warmup()` compiles prefill for each bucket (text and embeds variants)
-and the decode chunk, and `CompileCounter` counts XLA compilations so tests can assert none happens afterwards.
+Every compiled shape is known up front: `warmup()` compiles prefill for each bucket (text and embeds variants),
+the decode chunk and the media steps, and `CompileCounter` counts XLA compilations so tests can assert none
+happens afterwards. Media never multiply shapes (`media_embeds`): each audio is encoded alone, its mel frames
+zero-padded to an audio bucket (`audio_buckets`: one attention window of 1 s chunks, 8 for the release, doubling
+up to `max_audio_chunks`; the prompt's longest audio is passed along, so the result equals encoding all its audios
+together, P5); each image / video is encoded alone, compiled once per grid (on first use, or by
+`warmup(image_sizes=...)`); the rows are placed into the token embeddings in pieces of `prefill_chunk` tokens by
+one compiled merge (Thinker.place_media). Audio past the largest bucket raises AudioTooLongError, never compiles.
 
 A token at cache index n gets rope position n + delta on all three axes (reference §3). With `mesh=` the
 parameters sit at their rule shardings, every step runs under the mesh and the cache is sharded over slots and
