@@ -81,7 +81,10 @@ class Engine:
     in a background thread (`shutdown()` stops it), or `run(request)` drives it inline for one caller.
 
     Holds: `tokenizer`, `cfg`, `defaults` (generation_config), `thinker` (ThinkerSlots), `speech`
-    (serving.speech.SpeechStage or None), `model_name`."""
+    (serving.speech.SpeechStage or None), `model_name`. max_audio_seconds: longest audio input (default: as much
+    as the context holds, 13 tokens per second); the audio encoder is compiled for buckets up to it and a longer
+    audio is a RequestError. warmup_image_sizes: (height, width) image sizes whose vision-encoder grid `warmup()`
+    compiles (other grids compile on first use)."""
 
     def __init__(self, model, cfg, tokenizer, defaults, *, model_name: str, max_slots: int = 4, max_queue: int = 64,
                  max_context: int | None = None, chunk_steps: int = 16, prefill_chunk: int = 256, speech: bool = False,
