@@ -32,7 +32,7 @@ from omni_jax.serving.metrics import parse_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SLOTS, MAX_QUEUE = 4, 12
-MAX_AUDIO_SECONDS = 20  # audio buckets of 8, 16 and 20 encoder chunks (1 s each) are compiled at start-up
+MAX_AUDIO_SECONDS = 16  # audio buckets of 8 and 16 encoder chunks (1 s each) are compiled at start-up
 THINKER_TOKENS = 8
 TALKER_TOKENS = 10
 QUESTION = "Tell me a story about a cat."
