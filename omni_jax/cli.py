@@ -133,7 +133,39 @@ def _add_serve(sub):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--no-speech", action="store_true", help="do not load the talker / code2wav (text replies only; "
                                                              "default: speech when the checkpoint has it)")
+    p.add_argument("--max-audio-seconds", type=_positive_float, default=None,
+                   help="longest audio input in seconds (default: as much as the context's tokens can hold, 13 per "
+                        "second). The audio encoder is compiled at start-up for lengths of one attention window (8 s)"
+                        " doubling up to this; a longer audio is refused with 400")
+    p.add_argument("--warmup-image-sizes", type=_image_sizes, default=(), metavar="HxW[,HxW...]",
+                   help="image sizes in pixels (e.g. 448x448,640x480) to compile the vision encoder for at start-up;"
+                        " other image sizes and videos compile it on first use (once per resized grid)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+
+
+def _positive_float(s: str) -> float:
+    import argparse
+
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
+def _image_sizes(s: str) -> tuple[tuple[int, int], ...]:
+    import argparse
+    import re
+
+    sizes = []
+    for item in filter(None, s.split(",")):
+        m = re.fullmatch(r"\s*(\d+)x(\d+)\s*", item)
+        if not m or not int(m[1]) or not int(m[2]):
+            raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH sizes like 448x448,640x480, got {item!r}")
+        sizes.append((int(m[1]), int(m[2])))
+    return tuple(sizes)
 
 
 def _size(s: str) -> int:
@@ -344,7 +376,8 @@ def cmd_serve(a) -> int:
         from omni_jax.serving.scheduler import Engine
 
         return Engine.from_dir(a.model, dtype=a.dtype, mesh=a.mesh, rules=a.rules, max_slots=a.max_slots,
-                               max_queue=a.max_queue, speech=False if a.no_speech else None, warmup=False)
+                               max_queue=a.max_queue, speech=False if a.no_speech else None, warmup=False,
+                               max_audio_seconds=a.max_audio_seconds, warmup_image_sizes=a.warmup_image_sizes)
 
     return serve(load, host=a.host, port=a.port, log_level=a.log_level)
 

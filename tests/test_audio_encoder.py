@@ -132,6 +132,29 @@ def test_padding_leak_depends_on_batch(pair):
     np.testing.assert_allclose(_ours(ours, feats, [60, 45])[8:], together, rtol=1e-5, atol=1e-5)
 
 
+@nnx.jit
+def _encode_alone(model, feats, lengths, longest):
+    return model(feats, lengths, longest_frames=longest)
+
+
+def test_audios_encoded_alone_equal_the_batch():
+    """Serving encodes each audio of a prompt alone, its frames zero-padded to a bucket (here 1600): with
+    longest_frames = the prompt's longest audio, each equals its rows of the joint (reference) encoding, partial
+    chunks included (P5; without it the 45-frame audio gets `alone` of test_padding_leak_depends_on_batch). One
+    config: the windows and padding are the same code for both."""
+    hf, ours = _pair("tiny")
+    lengths = [1340, 45]  # several chunks and windows; a short partial chunk padded to the other's full chunks
+    feats = _features(lengths, seed=13)
+    together = _reference(hf, feats, lengths)
+    got = []
+    for b, n in enumerate(lengths):
+        x = np.zeros((1, 128, 1600), np.float32)
+        x[0, :, :n] = feats[b, :, :n]
+        tokens, token_lengths = _encode_alone(ours, jnp.asarray(x), jnp.asarray([n], jnp.int32), max(lengths))
+        got.append(np.asarray(tokens)[0, :int(token_lengths[0])])
+    np.testing.assert_allclose(np.concatenate(got), together, rtol=1e-5, atol=1e-5)
+
+
 def test_windows_matter(pair):
     """The 13.4 s case would fail with one window over the whole audio: the window size is exercised."""
     hf, _ = pair

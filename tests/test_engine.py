@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_fixtures import hf_model_from_dir
 
 from omni_jax.processing import chat
@@ -132,6 +133,93 @@ def test_stop_strings_and_validation(engine):
             engine.submit(greedy_request(engine, SHORT, 2))
     finally:
         engine.max_queue = saved
+
+
+def _wav(path, seconds, freq):
+    """A tone with some noise, float WAV at 16 kHz; returns the path."""
+    import soundfile as sf
+
+    t = np.arange(int(seconds * 16000)) / 16000
+    wave = 0.4 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.RandomState(int(freq)).randn(t.size)
+    sf.write(path, wave.astype(np.float32), 16000, subtype="FLOAT")
+    return str(path)
+
+
+def hf_greedy_audio(hf, ids, audio, n):
+    """transformers' thinker.generate on our prompt ids and log-mel features (both checked against its processor
+    in test_multimodal_generate.py / test_audio_features.py)."""
+    feats, frames = audio
+    mask = (np.arange(feats.shape[-1])[None] < np.asarray(frames)[:, None]).astype(np.int64)
+    with torch.no_grad():
+        out = hf.thinker.generate(input_ids=torch.tensor([ids]), input_features=torch.from_numpy(feats),
+                                  feature_attention_mask=torch.from_numpy(mask), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_audio_of_new_lengths_compiles_nothing(engine, hf, tmp_path):
+    """Audio inputs are bucketed (whole attention windows, doubling up to the engine's max_audio_seconds) and each
+    audio is encoded alone, so after warm-up audio of lengths never seen (0.6 s; 3.4 s over four chunks; two audios
+    of 1.7 s and 0.9 s in one prompt, whose partial chunks depend on each other, P5) compiles nothing and gives
+    transformers' greedy tokens. Audio longer than the largest bucket is refused with a one-line error naming the
+    limit, before anything compiles."""
+    from omni_jax.prompt import prepare_thinker_prompt
+    from omni_jax.serving.engine import AudioTooLongError
+
+    assert engine.thinker.audio_buckets == [8, 10] and engine.max_audio_seconds == 10  # context 128: 13 tokens / s
+    compiled = engine.compilations
+    cases = [[0.6], [3.4], [1.7, 0.9]]
+    for i, seconds in enumerate(cases):
+        parts = [{"type": "audio", "path": _wav(tmp_path / f"a{i}_{j}.wav", s, 200 + 90 * j + 40 * i)}
+                 for j, s in enumerate(seconds)]
+        messages = chat.parse_messages([{"role": "user", "content": [*parts, {"type": "text", "text": "what?"}]}])
+        fin = engine.run(Request(messages, max_new_tokens=6, sampling=engine.sampling(greedy=True)))[-1]
+        assert fin.finish_reason == "length", fin
+        prompt = prepare_thinker_prompt(engine.tokenizer, engine.cfg, messages)
+        assert fin.prompt_ids == prompt.input_ids and prompt.audio[0].shape[0] == len(seconds)
+        assert fin.token_ids == hf_greedy_audio(hf, fin.prompt_ids, prompt.audio, 6), seconds
+    assert engine.compilations == compiled
+    # The served embeddings (bucketed, one audio per call, merged per piece) equal the model's joint encoding (the
+    # reference's, tests/test_audio_encoder.py) to fp32 rounding; greedy tokens alone would not see P5's leak.
+    th = engine.thinker
+    joint = jax.jit(lambda state, ids, a: nnx.merge(th.graphdef, state).input_embeddings(ids, audio=a)[0])(
+        th.state, jnp.asarray([prompt.input_ids]), prompt.audio)
+    np.testing.assert_allclose(th.media_embeds(prompt.input_ids, audio=prompt.audio)[0], joint[0], rtol=1e-5,
+                               atol=1e-5)
+    compiled = engine.compilations
+
+    long = chat.parse_messages([{"role": "user", "content": [{"type": "audio",
+                                                              "path": _wav(tmp_path / "long.wav", 10.5, 300)}]}])
+    with pytest.raises(RequestError, match="more than the limit of 10 s") as e:
+        engine.submit(Request(long, max_new_tokens=2))
+    assert e.value.param == "messages" and "\n" not in str(e.value)
+    with pytest.raises(AudioTooLongError, match=r"at most 10 s \(max_audio_seconds"):  # the engine's own guard
+        engine.thinker.media_embeds([0], audio=(np.zeros((1, 128, 1001), np.float32), np.array([1001])))
+    assert engine.compilations == compiled
+
+
+def test_warmup_image_sizes_cover_images_of_that_grid(engine, tmp_path):
+    """warmup(image_sizes=...) compiles the vision encoder for those sizes: afterwards an image of another pixel size
+    that resizes to the same grid (60x66 -> 64x64), alone or twice in one prompt (each image is encoded alone),
+    compiles nothing. Without the warm-up it would (control: an image of a new grid compiles)."""
+    from PIL import Image
+
+    engine.thinker.warmup(deepstack_levels=2, image_sizes=[(64, 64)])
+    compiled = engine.compilations
+    paths = []
+    for i, size in enumerate([(66, 60), (66, 60), (96, 64)]):  # PIL sizes are (width, height)
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (size[1], size[0], 3), np.uint8)).save(paths[-1])
+
+    def ask(*images):
+        content = [*({"type": "image", "path": p} for p in images), {"type": "text", "text": "what is it?"}]
+        return engine.run(Request(chat.parse_messages([{"role": "user", "content": content}]), max_new_tokens=2,
+                                  sampling=engine.sampling(greedy=True)))[-1]
+
+    assert ask(paths[0]).finish_reason == "length" and ask(paths[0], paths[1]).finish_reason == "length"
+    assert engine.compilations == compiled
+    ask(paths[2])
+    assert engine.compilations > compiled
 
 
 def while_loops(hlo: str) -> list[str]:

@@ -5,9 +5,9 @@ malformed request).
 Checked: greedy text equals `omni-jax generate --greedy` for text and audio input; streamed pcm16 speech equals the
 non-streaming WAV and `omni-jax generate --speak` within int16 quantisation; 16 concurrent mixed requests each get
 their solo result; every malformed request gets its 4xx OpenAI error object; a client that disconnects frees its
-slot; a full queue answers 503 with Retry-After; no compilation after warm-up for text and speech requests (and
-none for an audio input length seen before); the page at / works in headless Chromium; bench/serve_bench.py runs.
-Tests run in file order against the one server (the compile check needs to run before any audio input).
+slot; a full queue answers 503 with Retry-After; no compilation after warm-up for text and speech requests, nor for
+audio inputs of lengths never seen (bucketed up to --max-audio-seconds; a longer one gets 400); the page at / works
+in headless Chromium; bench/serve_bench.py runs. Tests run in file order against the one server.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from omni_jax.serving.metrics import parse_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SLOTS, MAX_QUEUE = 4, 12
+MAX_AUDIO_SECONDS = 16  # audio buckets of 8 and 16 encoder chunks (1 s each) are compiled at start-up
 THINKER_TOKENS = 8
 TALKER_TOKENS = 10
 QUESTION = "Tell me a story about a cat."
@@ -62,7 +63,8 @@ def server(tiny_hf_dir, tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "omni_jax.cli", "serve", "--model", tiny_hf_dir, "--port",
-                                 str(port), "--max-slots", str(MAX_SLOTS), "--max-queue", str(MAX_QUEUE)],
+                                 str(port), "--max-slots", str(MAX_SLOTS), "--max-queue", str(MAX_QUEUE),
+                                 "--max-audio-seconds", str(MAX_AUDIO_SECONDS)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -209,7 +211,7 @@ def test_speech_stream_equals_wav_and_generate_speak(server, client, model_name,
 
 def test_no_compilation_after_warmup(server, client, model_name):
     """Text and speech requests of every shape so far (greedy, sampled, streamed, JSON, concurrent, different
-    lengths) ran without compiling. Audio *input* is checked in test_audio_input_compiles_once_per_length."""
+    lengths) ran without compiling. Audio *input* is checked in test_audio_of_new_lengths_compiles_nothing."""
     url, warm = server
     specs = [(_user(None, f"{QUESTION} {'Again. ' * i}"), 2 + 3 * i, i % 2 == 1) for i in range(4)]
 
@@ -404,10 +406,31 @@ def test_serve_bench_runs(server, tmp_path):
     assert level["rtf"]["mean"] > 0 and level["output_tokens_per_s"] > 0
 
 
-def test_audio_input_compiles_once_per_length(server, client, model_name, audio_file):
-    """An audio length seen before (audio_file, sent by the tests above) compiles nothing new, as text and speech
-    never do. (A new audio length still compiles the audio encoder once: the engine does not bucket it yet.)"""
+def test_audio_of_new_lengths_compiles_nothing(server, client, model_name, reference, tmp_path):
+    """Audio of lengths never sent before compiles nothing (the engine compiled every audio bucket at start-up):
+    a reply to 2.7 s of audio, and one to two audios (1.3 s and 12.5 s, which spans two
+    attention windows), equal to `omni-jax generate --greedy`'s. Audio longer than --max-audio-seconds gets 400
+    with the OpenAI error object naming the limit, and the server answers normally afterwards."""
     url, _ = server
     before = _metrics(url)["omni_jax_compilations_total"]
-    _speech(client, model_name, _user(base64.b64encode(audio_file[1]).decode()), 5, stream=True)
+    short = _tone_wav(tmp_path / "short.wav", 2.7, f0=250.0)
+    assert _chat(client, model_name, _user(base64.b64encode(short).decode()), 2).choices[0].message.content
+    paths = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    raws = [_tone_wav(paths[0], 1.3, f0=410.0), _tone_wav(paths[1], 12.5, f0=190.0)]
+    parts = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(r).decode(), "format": "wav"}}
+             for r in raws]
+    r = _chat(client, model_name, [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}])
+    assert _metrics(url)["omni_jax_compilations_total"] == before
+    want = _generate(reference, [{"role": "user", "content": [{"type": "audio", "path": str(p)} for p in paths]
+                                 + [{"type": "text", "text": QUESTION}]}])
+    assert r.choices[0].message.content == want["text"]
+    assert r.usage.prompt_tokens == len(want["prompt_token_ids"])
+
+    too_long = base64.b64encode(_tone_wav(tmp_path / "long.wav", MAX_AUDIO_SECONDS + 0.5)).decode()
+    bad = _post(url, {"model": model_name, "messages": _user(too_long), "max_tokens": 2})
+    assert bad.status_code == 400, bad.text
+    err = bad.json()["error"]
+    assert err["code"] == 400 and err["param"] == "messages"
+    assert f"more than the limit of {MAX_AUDIO_SECONDS} s" in err["message"], err
+    assert _chat(client, model_name, _user(None), 2).choices[0].message.content
     assert _metrics(url)["omni_jax_compilations_total"] == before

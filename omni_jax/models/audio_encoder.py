@@ -166,9 +166,14 @@ class AudioEncoder(nnx.Module):
         pos = sinusoid_table(t, self.cfg.d_model)  # positions restart at 0 in every chunk
         return x + jnp.asarray(pos, x.dtype)
 
-    def __call__(self, features, frame_lengths, *, conv_batch: int | None = None, attn_impl: str = "auto"):
-        """features: float [B, num_mel_bins, T] (frames >= frame_lengths[b] are ignored);
-        frame_lengths: int [B] valid mel frames per audio (feature_attention_mask.sum(-1)).
+    def __call__(self, features, frame_lengths, *, longest_frames=None, conv_batch: int | None = None,
+                 attn_impl: str = "auto"):
+        """features: float [B, num_mel_bins, T] (frames >= frame_lengths[b] are ignored, so T may be padded to any
+        length, e.g. a serving bucket); frame_lengths: int [B] valid mel frames per audio
+        (feature_attention_mask.sum(-1)). longest_frames: int scalar, the longest audio the reference encodes
+        together with these (default max(frame_lengths)): only through it does one audio's result depend on the
+        others (P5: partial chunks are padded to the batch's longest chunk, min(2 * n_window, longest_frames)),
+        so audios encoded one call each with the batch's longest_frames equal their joint encoding.
 
         Returns (tokens [B, N, output_dim], token_lengths int32 [B]) with N = num_audio_tokens(T): the tokens of
         audio b are tokens[b, :token_lengths[b]] (token_lengths = num_audio_tokens(frame_lengths)); later rows
@@ -190,7 +195,8 @@ class AudioEncoder(nnx.Module):
             x = jnp.pad(x, ((0, 0), (0, 0), (0, k * cw - t)))
             x = jnp.where((jnp.arange(k * cw) < frame_lengths[:, None])[:, None, :], x, 0)
             chunks = x.reshape(b, m, k, cw).transpose(0, 2, 1, 3).reshape(b * k, m, cw)
-            pad_len = jnp.minimum(cw, jnp.max(frame_lengths))  # the batch's longest chunk
+            longest = jnp.max(frame_lengths) if longest_frames is None else jnp.asarray(longest_frames, jnp.int32)
+            pad_len = jnp.minimum(cw, longest)  # the batch's longest chunk
 
         with jax.named_scope("audio_conv_stem"):
             n = b * k
@@ -209,6 +215,8 @@ class AudioEncoder(nnx.Module):
             w = self.window_tokens
             kw = -(-(k * tpc) // w)
             h = jnp.pad(h, ((0, 0), (0, kw * w - k * tpc), (0, 0))).reshape(b * kw, w, cfg.d_model)
+            # Windows past an audio's end (padding, or a shorter audio of the batch) have 0 live keys: attention
+            # returns zeros there and their rows are zeroed below, so nothing from them reaches a kept token.
             live = jnp.clip(token_lengths[:, None] - jnp.arange(kw)[None, :] * w, 0, w).reshape(b * kw)
 
         for i, layer in enumerate(self.layers):
@@ -221,6 +229,14 @@ class AudioEncoder(nnx.Module):
             h = h.reshape(b, kw * w, -1)[:, :n_max]
             h = jnp.where((jnp.arange(n_max)[None, :] < token_lengths[:, None])[..., None], h, 0)
         return h, token_lengths
+
+
+def packed_rows(tokens, token_lengths):
+    """The reference's packed audio sequence as a table: tokens [B, N, D] (encoder output) -> [B * N, D] whose row
+    r is the r-th token of all audios concatenated; rows past the last token repeat the last audio's rows (callers
+    never read them)."""
+    b, n, d = tokens.shape
+    return tokens.reshape(b * n, d)[packed_row_index(token_lengths, jnp.arange(b * n), n)]
 
 
 def packed_row_index(token_lengths, ranks, n_max: int):

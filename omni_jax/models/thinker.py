@@ -18,7 +18,7 @@ from omni_jax.layers.attention import Attention
 from omni_jax.layers.core import Embed, Linear, RMSNorm
 from omni_jax.layers.mlp import GatedMLP, MoE
 from omni_jax.layers.rope import cos_sin, rope_angles
-from omni_jax.models.audio_encoder import AudioEncoder, packed_row_index
+from omni_jax.models.audio_encoder import AudioEncoder, packed_rows
 from omni_jax.models.vision_encoder import VisionEncoder
 from omni_jax.sharding import constrain
 
@@ -195,28 +195,49 @@ class Thinker(nnx.Module):
         prompt order (encoded together, as the reference does). image / video: (pixel_values [P, C*T*p*p],
         grid_thw: static tuple of (t, h, w)). Returns (embeds [B, L, H], deepstack list of [B, L, H] or None):
         DeepStack features are placed at image/video positions (zeros elsewhere).
+        The serving engine runs the same three stages as separate compiled calls (encoders per media shape, then
+        `place_media` per prompt piece) so that their shapes do not multiply.
         """
-        cfg = self.cfg
-        x = self.embed(input_ids)
-        dtype = x.dtype
+        audio_rows = None
         if audio is not None:
             with jax.named_scope("audio_encoder"):
                 tokens, lengths = self.audio_tower(*audio, conv_batch=audio_conv_batch, attn_impl=attention_impl)
-            slots = input_ids == cfg.audio_token_id
-            ranks = _ranks(slots)
-            rows = packed_row_index(lengths, ranks, tokens.shape[1])
-            feats = tokens.reshape(-1, tokens.shape[-1])[rows]
-            x = jnp.where(slots[..., None], feats.astype(dtype), x)
+            audio_rows = packed_rows(tokens, lengths)
+        visual = {}
+        for kind, inputs in (("image", image), ("video", video)):
+            if inputs is not None:
+                with jax.named_scope(f"vision_encoder_{kind}"):
+                    visual[kind] = self.visual(*inputs, attention_impl=attention_impl)
+        return self.place_media(input_ids, self.embed(input_ids), audio_rows=audio_rows, image=visual.get("image"),
+                                video=visual.get("video"))
+
+    def place_media(self, input_ids, x, *, audio_rows=None, image=None, video=None):
+        """Encoder rows into the placeholders of token embeddings x [B, L, H] (input_ids int [B, L]).
+
+        audio_rows [Ra, H]: the batch's audio tokens in placeholder order (row r fills the r-th `<|audio_pad|>` of
+        the batch in row-major order: the reference's packed sequence). image / video: (rows [R, H], DeepStack
+        levels [[R, H], ...]) in the same order for `<|image_pad|>` / `<|video_pad|>`. A table may hold more rows
+        than placeholders (they are not read). Returns (embeds [B, L, H] in x's dtype, deepstack list of
+        [B, L, H] (zeros outside visual positions) or None without image and video)."""
+        cfg = self.cfg
+        dtype = x.dtype
+
+        def gather(table, token_id):
+            slots = input_ids == token_id
+            ranks = jnp.clip(_ranks(slots), 0, table.shape[0] - 1)
+            return slots[..., None], ranks
+
+        if audio_rows is not None:
+            slots, ranks = gather(audio_rows, cfg.audio_token_id)
+            x = jnp.where(slots, audio_rows[ranks].astype(dtype), x)
         deepstack = None
-        for kind, inputs, token_id in (("image", image, cfg.image_token_id), ("video", video, cfg.video_token_id)):
+        for inputs, token_id in ((image, cfg.image_token_id), (video, cfg.video_token_id)):
             if inputs is None:
                 continue
-            with jax.named_scope(f"vision_encoder_{kind}"):
-                merged, levels = self.visual(*inputs, attention_impl=attention_impl)
-            slots = input_ids == token_id
-            ranks = jnp.clip(_ranks(slots), 0, merged.shape[0] - 1)
-            x = jnp.where(slots[..., None], merged[ranks].astype(dtype), x)
-            placed = [jnp.where(slots[..., None], lv[ranks].astype(dtype), 0) for lv in levels]
+            rows, levels = inputs
+            slots, ranks = gather(rows, token_id)
+            x = jnp.where(slots, rows[ranks].astype(dtype), x)
+            placed = [jnp.where(slots, lv[ranks].astype(dtype), 0) for lv in levels]
             deepstack = placed if deepstack is None else [a + b for a, b in zip(deepstack, placed)]
         return x, deepstack
 

@@ -17,8 +17,14 @@ No threads and no request bookkeeping here (scheduler.py does that); every step 
   and checks stop strings between chunks. Inactive rows still run (static shapes) and write only their
   scratch position (context - 1, never read by a valid row).
 
-Every compiled shape is known up front: `warmup()` compiles prefill for each bucket (text and embeds variants)
-and the decode chunk, and `CompileCounter` counts XLA compilations so tests can assert none happens afterwards.
+Every compiled shape is known up front: `warmup()` compiles prefill for each bucket (text and embeds variants),
+the decode chunk and the media steps, and `CompileCounter` counts XLA compilations so tests can assert none
+happens afterwards. Media never multiply shapes (`media_embeds`): each audio is encoded alone, its mel frames
+zero-padded to an audio bucket (`audio_buckets`: one attention window of 1 s chunks, 8 for the release, doubling
+up to `max_audio_chunks`; the prompt's longest audio is passed along, so the result equals encoding all its audios
+together, P5); each image / video is encoded alone, compiled once per grid (on first use, or by
+`warmup(image_sizes=...)`); the rows are placed into the token embeddings in pieces of `prefill_chunk` tokens by
+one compiled merge (Thinker.place_media). Audio past the largest bucket raises AudioTooLongError, never compiles.
 
 A token at cache index n gets rope position n + delta on all three axes (reference §3). With `mesh=` the
 parameters sit at their rule shardings, every step runs under the mesh and the cache is sharded over slots and
@@ -38,6 +44,7 @@ from flax import nnx
 from omni_jax import sharding as S
 from omni_jax.generate import bucket
 from omni_jax.kernels.attention import AttentionMask
+from omni_jax.processing.audio import TOKENS_PER_FULL_CHUNK, AudioError
 from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_values
 
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
@@ -124,6 +131,20 @@ def prefill_buckets(chunk: int, minimum: int = 16) -> list[int]:
     return out + [chunk]
 
 
+def audio_buckets(max_chunks: int, window_chunks: int) -> list[int]:
+    """Audio lengths (in encoder chunks of 2 * n_window mel frames) that the engine compiles: one attention window
+    of chunks (a shorter audio costs the encoder little less), doubling up to `max_chunks`, which ends the list."""
+    out, b = [], max(1, min(window_chunks, max_chunks))
+    while b < max_chunks:
+        out.append(b)
+        b *= 2
+    return out + [max_chunks]
+
+
+class AudioTooLongError(AudioError):
+    """An audio input longer than the engine's largest audio bucket (its max_audio_seconds)."""
+
+
 def split_chunks(n: int, chunk: int) -> list[tuple[int, int, int]]:
     """A prompt of n tokens as prefill chunks (start, valid, bucketed length): full chunks, then the rest."""
     out, start = [], 0
@@ -161,14 +182,17 @@ class ThinkerSlots:
 
     thinker: the Thinker module; stop_ids: ids that end a reply (im_end + generation_config eos);
     chunk_steps: decode steps per host round trip; prefill_chunk: longest prefill piece (power of two);
-    collect: thinker hidden-state indices the prefill can return (the talker's accept layer). allocate=False
+    collect: thinker hidden-state indices the prefill can return (the talker's accept layer);
+    max_audio_chunks: longest audio input in encoder chunks (1 s each; default: as many as the context's tokens
+    could hold, 13 per chunk). allocate=False
     skips the device cache and slot state (to lower the steps with abstract shapes, e.g. for a TPU topology:
     `_decode.lower(state, cache, slot_state(...))`)."""
 
     def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
                  prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
-                 moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True):
-        self.cfg = thinker.cfg.text_config
+                 moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True,
+                 max_audio_chunks: int | None = None):
+        self.cfg, self.thinker_cfg = thinker.cfg.text_config, thinker.cfg
         self.attention_impl = attention_impl
         self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = place_params(thinker, mesh, self.rules, "thinker", self.cfg)
@@ -185,7 +209,16 @@ class ThinkerSlots:
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2))
         self._insert = jax.jit(_set_row, donate_argnums=(0,))
         self._embed_ids = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
-        self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
+        audio_cfg = thinker.cfg.audio_config
+        self.audio_chunk_frames = 2 * audio_cfg.n_window
+        self.max_audio_chunks = max_audio_chunks or -(-self.context // TOKENS_PER_FULL_CHUNK)
+        self.audio_buckets = audio_buckets(self.max_audio_chunks, audio_cfg.n_window_infer // self.audio_chunk_frames)
+        vision = thinker.cfg.vision_config
+        self.deepstack_levels = len(vision.deepstack_visual_indexes) if vision is not None else 0
+        self._audio = jax.jit(self._audio_impl)
+        self._vision = jax.jit(self._vision_impl, static_argnames=("grid",))
+        self._merge = jax.jit(self._merge_impl)
+        self._zero_tables = None  # device zeros standing in for a media kind a prompt piece lacks (see media_embeds)
         if not allocate:
             return
         with self.on_mesh():
@@ -199,11 +232,25 @@ class ThinkerSlots:
         return put_tree(tree, self.mesh)
 
     # -- compiled steps ------------------------------------------------------------------------------------
-    def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):
+    def _audio_impl(self, state, features, frame_lengths, longest):
+        """One audio: features float32 [1, mel, bucket frames] (zero past frame_lengths int [1]), longest int
+        scalar (the prompt's longest audio, in frames) -> tokens [1, N(bucket), H]."""
         model = nnx.merge(self.graphdef, state)
-        return model.input_embeddings(ids, audio=audio, image=None if image_px is None else (image_px, image_grid),
-                                      video=None if video_px is None else (video_px, video_grid),
-                                      attention_impl=self.attention_impl)
+        tokens, _ = model.audio_tower(features, frame_lengths, longest_frames=longest, attn_impl=self.attention_impl)
+        return replicated(tokens)
+
+    def _vision_impl(self, state, pixels, *, grid):
+        """One image or video: pixels [P, C*T*p*p], static grid ((t, h, w),) -> (rows [P/4, H], [[P/4, H]] * k)."""
+        model = nnx.merge(self.graphdef, state)
+        return replicated(model.visual(pixels, grid, attention_impl=self.attention_impl))
+
+    def _merge_impl(self, state, ids, audio_rows, image_rows, image_levels, video_rows, video_levels):
+        """One prompt piece: ids int [1, P]; per media kind a table of the rows for the piece's placeholders in
+        order ([P, H]; DeepStack levels [k, P, H]) -> (embeds [1, P, H], deepstack [[1, P, H]] * k)."""
+        model = nnx.merge(self.graphdef, state)
+        return replicated(model.place_media(ids, model.embed(ids), audio_rows=audio_rows,
+                                            image=(image_rows, list(image_levels)),
+                                            video=(video_rows, list(video_levels))))
 
     def _prefill_impl(self, state, cache, slot, start, ids, embeds, positions, last, deepstack, *,
                       has_embeds: bool, has_deepstack: bool):
@@ -313,25 +360,101 @@ class ThinkerSlots:
                     for i in range(0, padded.shape[1], 16)]
         return np.concatenate(rows)[:n]
 
+    def check_audio(self, frame_lengths) -> None:
+        """AudioTooLongError unless every audio (mel frames, 100 per second) fits the largest audio bucket."""
+        limit = self.max_audio_chunks * self.audio_chunk_frames
+        for i, f in enumerate(np.asarray(frame_lengths).reshape(-1).tolist()):
+            if f > limit:
+                raise AudioTooLongError(f"audio input {i + 1} is {f / 100:.2f} s long ({f} mel frames); this engine "
+                                        f"serves audio of at most {limit / 100:g} s (max_audio_seconds, "
+                                        f"--max-audio-seconds)")
+
+    def _encode_audio(self, features: np.ndarray, frame_lengths: np.ndarray) -> np.ndarray:
+        """Every audio of one prompt, one compiled call each at its bucket (frames padded with zeros; the encoder
+        ignores frames past frame_lengths, and `longest` keeps P5's cross-audio padding): the packed audio
+        tokens, float32 [sum of token counts, H]."""
+        from omni_jax.processing.audio import num_audio_tokens
+
+        self.check_audio(frame_lengths)
+        cw, longest = self.audio_chunk_frames, np.int32(np.max(frame_lengths))
+        rows = []
+        for feats, f in zip(features, np.asarray(frame_lengths).tolist()):
+            frames = next(b for b in self.audio_buckets if b * cw >= f) * cw
+            x = np.zeros((1, feats.shape[0], frames), np.float32)
+            x[0, :, :f] = feats[:, :f]
+            with self.on_mesh():
+                tokens = self._audio(self.state, self.put(x), self.put(np.array([f], np.int32)), longest)
+            rows.append(np.asarray(tokens)[0, :num_audio_tokens(int(f), cw // 2)].astype(np.float32))
+        return np.concatenate(rows)
+
+    def _encode_visual(self, pixels: np.ndarray, grids) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Every image (or video) of one prompt, one compiled call per grid shape: (rows float32 [R, H], k DeepStack
+        levels [R, H]) in placeholder order. Each is encoded alone (the encoder attends within one image or frame;
+        its positions depend only on the grid), so a grid seen once never compiles again."""
+        rows, levels, off = [], [], 0
+        for t, h, w in grids:
+            n = t * h * w
+            with self.on_mesh():
+                merged, deep = self._vision(self.state, self.put(pixels[off:off + n]), grid=((t, h, w),))
+            off += n
+            rows.append(np.asarray(merged, np.float32))
+            levels.append([np.asarray(d, np.float32) for d in deep])
+        return np.concatenate(rows), [np.concatenate(lv) for lv in zip(*levels)] if self.deepstack_levels else []
+
     def media_embeds(self, ids: list[int], audio=None, image=None, video=None):
         """Merged input embeddings and DeepStack features of one multimodal prompt: (float [L, H], [[L, H]] or
-        None). Encoders run at the prompt's bucketed length; image / video grids are static (one compile per grid
-        shape)."""
+        None). Compiled shapes never multiply: each audio runs alone at its audio bucket, each image / video at its
+        grid, and the rows are placed into the token embeddings in pieces of `prefill_chunk` tokens (one compiled
+        merge for every prompt). Raises AudioTooLongError past the largest audio bucket."""
+        cfg, p = self.thinker_cfg, self.prefill_chunk
+        h, k = self.cfg.hidden_size, self.deepstack_levels
+        tables = {}  # kind -> (token id, rows [R, H], levels [k, R, H] or None)
+        if audio is not None:
+            tables["audio"] = (cfg.audio_token_id, self._encode_audio(*audio), None)
+        for kind, inputs, token_id in (("image", image, cfg.image_token_id), ("video", video, cfg.video_token_id)):
+            if inputs is not None:
+                rows, levels = self._encode_visual(*inputs)
+                tables[kind] = (token_id, rows, np.stack(levels) if k else np.zeros((0, *rows.shape), np.float32))
+        if self._zero_tables is None:
+            with self.on_mesh():
+                self._zero_tables = self.put((np.zeros((p, h), np.float32), np.zeros((k, p, h), np.float32)))
         n = len(ids)
-        padded = np.zeros((1, bucket(n)), np.int32)
-        padded[0, :n] = ids
-        with self.on_mesh():
-            embeds, deepstack = self._mm_embed(
-                self.state, self.put(padded), None if audio is None else tuple(self.put(a) for a in audio),
-                None if image is None else self.put(image[0]), None if image is None else image[1],
-                None if video is None else self.put(video[0]), None if video is None else video[1])
-        embeds = np.asarray(embeds[0, :n])
-        return embeds, None if deepstack is None else [np.asarray(d[0, :n]) for d in deepstack]
+        padded = np.zeros(-(-n // p) * p, np.int32)
+        padded[:n] = ids
+        embeds, deepstack = [], []
+        for start in range(0, len(padded), p):
+            piece = padded[start:start + p]
+            args = {}
+            for kind in ("audio", "image", "video"):
+                rows, levels = self._zero_tables
+                if kind in tables:
+                    token_id, table, lv = tables[kind]
+                    first = int((padded[:start] == token_id).sum())  # rank of the piece's first placeholder
+                    take = int((piece == token_id).sum())
+                    if take:
+                        rows = np.zeros((p, h), np.float32)
+                        rows[:take] = table[first:first + take]
+                        if lv is not None:
+                            levels = np.zeros((k, p, h), np.float32)
+                            levels[:, :take] = lv[:, first:first + take]
+                        rows, levels = self.put((rows, levels))
+                args[kind] = (rows, levels)
+            with self.on_mesh():
+                x, deep = self._merge(self.state, self.put(piece[None]), args["audio"][0], *args["image"],
+                                      *args["video"])
+            embeds.append(np.asarray(x)[0])
+            if image is not None or video is not None:
+                deepstack.append([np.asarray(d)[0] for d in deep])
+        embeds = np.concatenate(embeds)[:n]
+        if not deepstack:
+            return embeds, None
+        return embeds, [np.concatenate(lv)[:n] for lv in zip(*deepstack)]
 
-    def warmup(self, deepstack_levels: int = 0):
+    def warmup(self, deepstack_levels: int = 0, image_sizes=()):
         """Compile every prefill bucket (token ids; media embeddings; with `deepstack_levels`, embeddings plus
-        DeepStack features), insert and the decode chunk, on scratch slot 0 (left inactive). The encoders
-        themselves compile per media shape on first use."""
+        DeepStack features), insert and the decode chunk, on scratch slot 0 (left inactive); the audio encoder at
+        every audio bucket and the media merge. image_sizes: (height, width) pixel sizes of images to compile the
+        vision encoder for (each grid compiles once; other image sizes and videos compile on first use)."""
         for t in prefill_buckets(self.prefill_chunk):
             pos = np.zeros((3, t), np.float32)
             zeros = np.zeros((t, self.cfg.hidden_size), np.float32)
@@ -346,3 +469,14 @@ class ThinkerSlots:
         self.deactivate(0)
         self.decode()
         self.embed_tokens(np.zeros(1, np.int32))
+        self.media_embeds([0])
+        mel = self.thinker_cfg.audio_config.num_mel_bins
+        for b in self.audio_buckets:
+            frames = b * self.audio_chunk_frames
+            self._encode_audio(np.zeros((1, mel, frames), np.float32), np.array([frames], np.int32))
+        if image_sizes:
+            from omni_jax.processing.vision import preprocess_image
+
+            for height, width in image_sizes:
+                pixels, grid = preprocess_image(np.zeros((height, width, 3), np.uint8))
+                self._encode_visual(pixels, [grid])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import threading
 import time
 import traceback
@@ -23,10 +24,13 @@ import traceback
 import numpy as np
 
 from omni_jax.errors import OmniJaxError
+from omni_jax.processing.audio import HOP_LENGTH, SAMPLING_RATE
 from omni_jax.prompt import ThinkerPrompt, prepare_thinker_prompt
 from omni_jax.sampling import SamplingParams
 from omni_jax.serving.engine import CompileCounter, ThinkerSlots, split_chunks
 from omni_jax.serving.protocol import AudioChunk, Finished, QueueFull, Request, RequestError, RequestHandle, TextDelta
+
+AUDIO_FRAMES_PER_SECOND = SAMPLING_RATE // HOP_LENGTH  # mel frames (100 per second)
 
 
 @dataclasses.dataclass
@@ -77,12 +81,16 @@ class Engine:
     in a background thread (`shutdown()` stops it), or `run(request)` drives it inline for one caller.
 
     Holds: `tokenizer`, `cfg`, `defaults` (generation_config), `thinker` (ThinkerSlots), `speech`
-    (serving.speech.SpeechStage or None), `model_name`."""
+    (serving.speech.SpeechStage or None), `model_name`. max_audio_seconds: longest audio input (default: as much
+    as the context holds, 13 tokens per second); the audio encoder is compiled for buckets up to it and a longer
+    audio is a RequestError. warmup_image_sizes: (height, width) image sizes whose vision-encoder grid `warmup()`
+    compiles (other grids compile on first use)."""
 
     def __init__(self, model, cfg, tokenizer, defaults, *, model_name: str, max_slots: int = 4, max_queue: int = 64,
                  max_context: int | None = None, chunk_steps: int = 16, prefill_chunk: int = 256, speech: bool = False,
                  mesh=None, rules="default", talker_context: int | None = None, audio_group_frames: int = 4,
-                 audio_left_context: int = 25, moe_impl: str = "auto", attention_impl: str = "auto"):
+                 audio_left_context: int = 25, moe_impl: str = "auto", attention_impl: str = "auto",
+                 max_audio_seconds: float | None = None, warmup_image_sizes=()):
         from omni_jax.kernels.impls import check_impl
 
         check_impl("moe", moe_impl)
@@ -95,10 +103,18 @@ class Engine:
         self.max_context = min(context, tc.max_position_embeddings)
         self._compiles0 = CompileCounter().count()
         accept = cfg.talker_config.accept_hidden_layer if speech else None
+        chunk_s = 2 * cfg.thinker_config.audio_config.n_window / AUDIO_FRAMES_PER_SECOND
+        if max_audio_seconds is not None and not max_audio_seconds > 0:
+            raise OmniJaxError(f"max_audio_seconds must be > 0, got {max_audio_seconds}")
+        self.warmup_image_sizes = tuple(warmup_image_sizes)
         self.thinker = ThinkerSlots(model.thinker, slots=max_slots, context=self.max_context, stop_ids=self.stop_ids,
                                     chunk_steps=chunk_steps, prefill_chunk=prefill_chunk,
                                     collect=() if accept is None else (0, accept), mesh=mesh, rules=rules,
-                                    moe_impl=moe_impl, attention_impl=attention_impl)
+                                    moe_impl=moe_impl, attention_impl=attention_impl,
+                                    max_audio_chunks=None if max_audio_seconds is None else
+                                    math.ceil(max_audio_seconds / chunk_s - 1e-9))
+        # Audio longer than this is refused before it is decoded (the largest audio bucket when not given).
+        self.max_audio_seconds = max_audio_seconds or self.thinker.max_audio_chunks * chunk_s
         self.speech = None
         if speech:
             from omni_jax.serving.speech import SpeechStage
@@ -146,10 +162,12 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------------------------
     def warmup(self):
-        """Compile every step (prefill buckets, decode chunk, talker and Code2Wav steps)."""
+        """Compile every step (prefill buckets, decode chunk, audio buckets and the media merge, the vision encoder
+        for `warmup_image_sizes`, talker and Code2Wav steps)."""
         with self._loop_lock:
             vision = self.cfg.thinker_config.vision_config
-            self.thinker.warmup(deepstack_levels=len(vision.deepstack_visual_indexes) if vision is not None else 0)
+            self.thinker.warmup(deepstack_levels=len(vision.deepstack_visual_indexes) if vision is not None else 0,
+                                image_sizes=self.warmup_image_sizes)
             if self.speech is not None:
                 self.speech.warmup()
         self.warm = True
@@ -178,7 +196,10 @@ class Engine:
             self.speech.check_request(request)
         try:
             prompt = prepare_thinker_prompt(self.tokenizer, self.cfg, request.messages,
+                                            max_audio_seconds=self.max_audio_seconds,
                                             use_audio_in_video=request.use_audio_in_video)
+            if prompt.audio is not None:
+                self.thinker.check_audio(prompt.audio[1])
         except RequestError:
             raise
         except (OmniJaxError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
