@@ -432,5 +432,7 @@ def test_audio_of_new_lengths_compiles_nothing(server, client, model_name, refer
     err = bad.json()["error"]
     assert err["code"] == 400 and err["param"] == "messages"
     assert f"more than the limit of {MAX_AUDIO_SECONDS} s" in err["message"], err
+    # the field is named, not the server's temporary file
+    assert "'messages[0].content[0].input_audio.data'" in err["message"] and "omni_jax_req" not in err["message"]
     assert _chat(client, model_name, _user(None), 2).choices[0].message.content
     assert _metrics(url)["omni_jax_compilations_total"] == before

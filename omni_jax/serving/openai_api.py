@@ -88,6 +88,14 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     audio_format: str | None = None  # "wav" / "pcm16" when speech is asked for
+    media_params: dict = dataclasses.field(default_factory=dict)  # inline media file -> the field it came from
+
+    def describe(self, message: str) -> str:
+        """An engine error about an inline media file names the request field instead of the server's temporary
+        file (e.g. "the audio in 'messages[0].content[0].input_audio.data' is 16.50 s long ...")."""
+        for path, param in self.media_params.items():
+            message = message.replace(f"file {path!r}", f"in {param!r}").replace(repr(path), repr(param))
+        return message
 
 
 def _typed(body: dict, key: str, types, what: str, where: str | None = None):
@@ -140,15 +148,15 @@ class _MediaWriter:
 
     def __init__(self, workdir: str | None):
         self.workdir = workdir
-        self.count = 0
+        self.params: dict[str, str] = {}  # file written -> the request field it came from
 
-    def write(self, raw: bytes, ext: str) -> str:
+    def write(self, raw: bytes, ext: str, param: str) -> str:
         if self.workdir is None:
             raise bad("inline media is not accepted here (no request directory)")
-        self.count += 1
-        path = os.path.join(self.workdir, f"media{self.count}.{ext}")
+        path = os.path.join(self.workdir, f"media{len(self.params) + 1}.{ext}")
         with open(path, "wb") as f:
             f.write(raw)
+        self.params[path] = param
         return path
 
     def url(self, url, kind: str, mimes: dict[str, str], param: str) -> str:
@@ -168,7 +176,7 @@ class _MediaWriter:
                 _check_audio_bytes(raw, mimes[mime], param)
             elif kind == "image":
                 _check_image_bytes(raw, param)
-            return self.write(raw, mimes[mime])
+            return self.write(raw, mimes[mime], param)
         parsed = urlparse(url)
         if parsed.scheme in ("http", "https"):
             raise bad(f"'{param}': remote URLs are not fetched; send a data: URL or a local path", param)
@@ -202,7 +210,7 @@ def _parse_part(part, param: str, media: _MediaWriter) -> dict:
                       f"{', '.join(INPUT_AUDIO_FORMATS)}", f"{param}.input_audio.format")
         raw = _decode_b64(ia.get("data"), f"{param}.input_audio.data")
         _check_audio_bytes(raw, fmt, f"{param}.input_audio.data")
-        return {"type": "audio", "path": media.write(raw, fmt)}
+        return {"type": "audio", "path": media.write(raw, fmt, f"{param}.input_audio.data")}
     for kind, mimes in (("audio", AUDIO_MIME), ("image", IMAGE_MIME), ("video", VIDEO_MIME)):
         if ptype == f"{kind}_url":
             obj = part.get(ptype)
@@ -325,12 +333,14 @@ def parse_chat_request(body, info: ModelInfo, workdir: str | None = None) -> Cha
     mm = _typed(body, "mm_processor_kwargs", (dict,), "an object") or {}
     use_aiv = bool(_typed(mm, "use_audio_in_video", (bool,), "a boolean", "mm_processor_kwargs.use_audio_in_video"))
     sampling, talker = _sampling(body, info.defaults)
-    messages = _parse_messages(body.get("messages"), _MediaWriter(workdir))
+    media = _MediaWriter(workdir)
+    messages = _parse_messages(body.get("messages"), media)
     req = Request(messages=messages, max_new_tokens=max_tokens, sampling=sampling, stop=stop,
                   use_audio_in_video=use_aiv, speech=speech, speaker=(speaker or "Ethan"),
                   talker_max_new_tokens=talker_max or 4096, talker_sampling=talker,
                   request_id=f"chatcmpl-{uuid.uuid4().hex}")
-    return ChatRequest(req, stream=stream, include_usage=include_usage, audio_format=audio_format)
+    return ChatRequest(req, stream=stream, include_usage=include_usage, audio_format=audio_format,
+                       media_params=media.params)
 
 
 # ---------------------------------------------------------------------------------------------------------------

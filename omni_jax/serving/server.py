@@ -206,9 +206,9 @@ def create_app(load: Callable[[], object], *, on_load_error: Callable[[BaseExcep
                 state.metrics.request_rejected(503)
                 return _json_error(503, f"the server is busy: {e}", headers={"Retry-After": RETRY_AFTER_S})
             except RequestError as e:
-                raise api.bad(str(e), e.param) from e
+                raise api.bad(parsed.describe(str(e)), e.param) from e
             except OmniJaxError as e:
-                raise api.bad(str(e)) from e
+                raise api.bad(parsed.describe(str(e))) from e
         except api.ApiError as e:
             state.metrics.request_rejected(e.status)
             return JSONResponse(e.body(), status_code=e.status)
