@@ -2,8 +2,10 @@
 
 No threads and no request bookkeeping here (scheduler.py does that); every step is a jitted function of arrays:
 
-- The KV cache holds `slots` rows of `context` positions per layer ([slots, context, kv_heads, head_dim]); a
-  request owns one row from admission to its end.
+- The KV cache holds `slots` rows of `context` positions for every layer, stacked: (k, v) of [layers, slots,
+  context, kv_heads, head_dim]; a request owns one row from admission to its end. Runs of identical decoder
+  layers run as one lax.scan that carries the stack and writes its layer's rows in place (TextModel.scan_runs;
+  their parameters are stored stacked once, `layer_stacks`), so the compiled steps hold one layer body.
 - `prefill(slot, ids / embeds, start)`: T prompt tokens (T a power-of-two bucket, at most `prefill_chunk`) are
   written into the slot's cache row at `start` and attend to what the row already holds, so a long prompt runs
   as several chunks and the scheduler decodes the running requests between them (prefill and insert are one
@@ -41,6 +43,7 @@ from omni_jax.kernels.attention import AttentionMask
 from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_values
 
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+STACK_AXES = (None,) + CACHE_AXES  # the stacked cache's leading layer axis is never sharded
 
 
 class CompileCounter:
@@ -70,11 +73,16 @@ class CompileCounter:
         return CompileCounter._counts.get(thread_id, 0)
 
 
-def empty_cache(cfg, batch: int, length: int, dtype) -> list:
-    """Zero KV cache: per layer (k, v) of [batch, length, kv_heads, head_dim] (thinker and talker configs)."""
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return [(S.constrain(jnp.zeros(shape, dtype), CACHE_AXES), S.constrain(jnp.zeros(shape, dtype), CACHE_AXES))
-            for _ in range(cfg.num_hidden_layers)]
+def cache_shape(cfg, batch: int, length: int) -> tuple[int, ...]:
+    """[layers, batch, length, kv_heads, head_dim]: the shape of k and of v in a KV cache (`empty_cache`)."""
+    return (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+
+
+def empty_cache(cfg, batch: int, length: int, dtype) -> tuple:
+    """Zero KV cache of every layer (thinker and talker configs): (k, v) of [layers, batch, length, kv_heads,
+    head_dim] (TextModel's cache form: unrolled layers index it, scanned runs carry it)."""
+    shape = cache_shape(cfg, batch, length)
+    return S.constrain(jnp.zeros(shape, dtype), STACK_AXES), S.constrain(jnp.zeros(shape, dtype), STACK_AXES)
 
 
 def cache_mask(start: jnp.ndarray, t: int, s: int) -> AttentionMask:
@@ -85,14 +93,15 @@ def cache_mask(start: jnp.ndarray, t: int, s: int) -> AttentionMask:
     return AttentionMask.decode(start, t)
 
 
-def take_row(cache: list, slot) -> list:
-    """One slot's rows [1, S, KV, D] of a slot cache."""
-    return [tuple(jax.lax.dynamic_slice_in_dim(c, slot, 1, 0) for c in kv) for kv in cache]
+def take_row(cache: tuple, slot) -> tuple:
+    """One slot's rows (k, v) [L, 1, S, KV, D] of a slot cache."""
+    return tuple(jax.lax.dynamic_slice_in_dim(c, slot, 1, 1) for c in cache)
 
 
-def put_row(cache: list, row: list, slot) -> list:
-    return [tuple(S.constrain(jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 0), CACHE_AXES)
-                  for c, r in zip(kv, rkv)) for kv, rkv in zip(cache, row)]
+def put_row(cache: tuple, row: tuple, slot) -> tuple:
+    """The slot cache with `row` (from take_row) written back at `slot` (in place)."""
+    return tuple(S.constrain(jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 1), STACK_AXES)
+                 for c, r in zip(cache, row))
 
 
 def put_tree(tree, mesh):
@@ -114,6 +123,30 @@ def place_params(module, mesh, rules, what: str, text_config):
         S.check_model_fits(mesh, [(what, text_config)])
         state = jax.device_put(state, S.named_shardings(state, mesh, rules))
     return graphdef, state
+
+
+def stacked_shardings(shardings, runs: dict[int, int]):
+    """The shardings of `stack_layer_runs(state, runs)` from the state's shardings (`S.named_shardings`): the
+    stacks take their first layer's shardings behind an unsharded layer axis."""
+    from jax.sharding import NamedSharding
+
+    from omni_jax.models.thinker import split_layer_runs
+
+    rest, per_run = split_layer_runs(shardings, runs)
+    lead = lambda sh: NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec))  # noqa: E731
+    return rest, {f: jax.tree.map(lead, states[0]) for f, states in per_run.items()}
+
+
+def layer_stacks(state, runs: dict[int, int], mesh, rules):
+    """(state without the scanned layers, {first: their parameters stacked}) on the device(s): see
+    models/thinker.py stack_layer_runs. The stacks are a copy: the module's own per-layer arrays stay valid."""
+    from omni_jax.models.thinker import stack_layer_runs
+
+    if not runs:
+        return state, {}
+    out = None if mesh is None else stacked_shardings(S.named_shardings(state, mesh, rules), runs)
+    with S.on_mesh(mesh, rules):
+        return jax.jit(lambda st: stack_layer_runs(st, runs), out_shardings=out)(state)
 
 
 def prefill_buckets(chunk: int, minimum: int = 16) -> list[int]:
@@ -163,11 +196,14 @@ class ThinkerSlots:
     chunk_steps: decode steps per host round trip; prefill_chunk: longest prefill piece (power of two);
     collect: thinker hidden-state indices the prefill can return (the talker's accept layer). allocate=False
     skips the device cache and slot state (to lower the steps with abstract shapes, e.g. for a TPU topology:
-    `_decode.lower(state, cache, slot_state(...))`)."""
+    `_decode.lower(state, stacks, cache, slot_state(...))`). scan_layers: run the layer runs of
+    `TextModel.scan_runs` (after the DeepStack layers, split at `collect`) as one lax.scan each, their parameters
+    stored stacked in `self.stacks` (a copy made here); False unrolls every layer."""
 
     def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
                  prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
-                 moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True):
+                 moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True,
+                 scan_layers: bool = True):
         self.cfg = thinker.cfg.text_config
         self.attention_impl = attention_impl
         self.mesh, self.rules = mesh, S.get_rules(rules)
@@ -178,11 +214,17 @@ class ThinkerSlots:
         self.prefill_chunk = min(bucket(prefill_chunk), bucket(context))
         self.context = -(-context // self.prefill_chunk) * self.prefill_chunk  # chunks never run past the end
         self.collect = tuple(sorted(set(collect)))
+        vision = thinker.cfg.vision_config
+        levels = len(vision.deepstack_visual_indexes) if vision is not None else 0
+        self.runs = thinker.model.scan_runs(levels, self.collect) if scan_layers else {}
+        self.stacks = {}
+        if allocate:
+            self.state, self.stacks = layer_stacks(self.state, self.runs, mesh, self.rules)
         self.stop_ids = np.array(sorted(set(stop_ids)) or [-1], np.int32)
         self.vocab = self.cfg.vocab_size
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("has_embeds", "has_deepstack"),
-                                donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2))
+                                donate_argnums=(2,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3))
         self._insert = jax.jit(_set_row, donate_argnums=(0,))
         self._embed_ids = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
         self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
@@ -205,7 +247,7 @@ class ThinkerSlots:
                                       video=None if video_px is None else (video_px, video_grid),
                                       attention_impl=self.attention_impl)
 
-    def _prefill_impl(self, state, cache, slot, start, ids, embeds, positions, last, deepstack, *,
+    def _prefill_impl(self, state, stacks, cache, slot, start, ids, embeds, positions, last, deepstack, *,
                       has_embeds: bool, has_deepstack: bool):
         """ids int [1, T] (or embeds [1, T, H] when has_embeds), positions float32 [3, 1, T], start / last int
         scalars (cache index of the chunk's first token; index in the chunk of its last valid token) ->
@@ -219,12 +261,12 @@ class ThinkerSlots:
         hidden, row, aux = model.model(x, positions, cache_mask(begin, t, self.context), cache=row,
                                        cache_start=begin, deepstack=deepstack if has_deepstack else None,
                                        collect_hidden=self.collect, moe_impl=self.moe_impl,
-                                       attention_impl=self.attention_impl)
+                                       attention_impl=self.attention_impl, stacks=stacks)
         cache = put_row(cache, row, slot)
         logits = model.logits(jax.lax.dynamic_index_in_dim(hidden[0], last, 0, keepdims=False))
         return replicated(logits), cache, replicated({i: h[0] for i, h in aux["hidden"].items()})
 
-    def _decode_impl(self, state, cache, ds):
+    def _decode_impl(self, state, stacks, cache, ds):
         """chunk_steps decode steps for every slot. Returns (cache, ds, tokens int [slots, K], emitted bool
         [slots, K]): row b produced tokens[b, i] at step i iff emitted[b, i]."""
         model = nnx.merge(self.graphdef, state)
@@ -239,7 +281,7 @@ class ThinkerSlots:
             x = model.embed(ds["tok"][:, None])
             pos = jnp.broadcast_to((idx.astype(jnp.float32) + ds["delta"])[None, :, None], (3, b, 1))
             hidden, cache, _ = model.model(x, pos, cache_mask(idx, 1, self.context), cache=cache, cache_start=idx,
-                                           moe_impl=self.moe_impl, attention_impl=self.attention_impl)
+                                           moe_impl=self.moe_impl, attention_impl=self.attention_impl, stacks=stacks)
             logits = model.logits(hidden[:, 0])
             keys = jax.vmap(jax.random.fold_in)(ds["key"], ds["count"])
             nxt = next_token_rows(logits, keys, ds["sampling"], seen=ds["seen"])
@@ -262,7 +304,7 @@ class ThinkerSlots:
         ids = np.zeros((1, t), np.int32) if ids is None else np.asarray(ids, np.int32)[None]
         with self.on_mesh():
             logits, self.cache, hidden = self._prefill(
-                self.state, self.cache, np.int32(slot), np.int32(start), self.put(ids),
+                self.state, self.stacks, self.cache, np.int32(slot), np.int32(start), self.put(ids),
                 None if embeds is None else self.put(np.asarray(embeds)[None]),
                 self.put(np.asarray(positions, np.float32)[:, None]), np.int32(last),
                 None if deepstack is None else [self.put(np.asarray(d)[None]) for d in deepstack],
@@ -287,7 +329,7 @@ class ThinkerSlots:
     def decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Run one decode chunk: (tokens int [slots, K], emitted bool [slots, K], still active bool [slots])."""
         with self.on_mesh():
-            self.cache, self.dstate, out, emitted = self._decode(self.state, self.cache, self.dstate)
+            self.cache, self.dstate, out, emitted = self._decode(self.state, self.stacks, self.cache, self.dstate)
         return np.asarray(out), np.asarray(emitted), np.asarray(self.dstate["active"])
 
     def first_token(self, logits, sampling: SamplingParams, seed: int, seen: np.ndarray | None) -> int:
