@@ -235,8 +235,8 @@ class TalkerSlots:
     # -- host wrappers -------------------------------------------------------------------------------------------
     def prefill(self, slot: int, start: int, embeds: np.ndarray, positions: np.ndarray, last: int):
         with self.on_mesh():
-            logits, hidden, self.cache = self._prefill(self.state, self.stacks, self.cache, np.int32(slot), np.int32(start),
-                                                       self.put(np.asarray(embeds, np.float32)[None]),
+            logits, hidden, self.cache = self._prefill(self.state, self.stacks, self.cache, np.int32(slot),
+                                                       np.int32(start), self.put(np.asarray(embeds, np.float32)[None]),
                                                        self.put(np.asarray(positions, np.float32)[:, None]),
                                                        np.int32(last))
         return logits, hidden
