@@ -148,11 +148,11 @@ def test_decode_chunks_have_static_trip_counts(engine):
     i.e. its condition reads only its counter. Control: a data-dependent `while_loop` (the previous decode loop's
     `step < steps & ~all(finished)`) is caught."""
     th = engine.thinker
-    hlo = th._decode.lower(th.state, th.cache, th.dstate).compile().as_text()
+    hlo = th._decode.lower(th.state, th.stacks, th.cache, th.dstate).compile().as_text()
     assert while_loops(hlo) and not reads_device_data_per_step(hlo)
     assert any(f'"n":"{th.chunk_steps}"' in line for line in while_loops(hlo))
     tk = engine.speech.talker
-    args = (tk.state, tk.cache, tk.dstate, jnp.zeros((tk.slots, tk.chunk_steps), jnp.int32),
+    args = (tk.state, tk.stacks, tk.cache, tk.dstate, jnp.zeros((tk.slots, tk.chunk_steps), jnp.int32),
             jnp.zeros(tk.slots, jnp.int32), tk.thinker_embed)
     hlo = tk._decode.lower(*args).compile().as_text()
     assert while_loops(hlo) and not reads_device_data_per_step(hlo)
