@@ -77,16 +77,17 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """embed_tokens -> layers -> norm. Shared by the thinker and (with a shared expert) the talker."""
 
+    # Runs of at least this many identical layers run as one lax.scan (compile time of the 48-layer thinker; with a
+    # KV cache too: `scan_runs`); shorter models stay unrolled (bf16 rounding then matches the reference's op
+    # order). Per instance, or for every model built while it is patched here (tests force scanning with 2).
+    scan_min_layers: int = 8
+
     def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        # Runs of at least this many identical layers run as one lax.scan (compile time of the 48-layer thinker;
-        # with a KV cache too: `scan_runs`); shorter models stay unrolled (bf16 rounding then matches the
-        # reference's op order).
-        self.scan_min_layers = 8
 
     def scan_runs(self, deepstack_levels: int = 0, collect_hidden: tuple[int, ...] = ()) -> dict[int, int]:
         """{first: end} of the layer runs [first, end) to scan: the layers after those that receive DeepStack
