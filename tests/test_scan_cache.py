@@ -68,12 +68,21 @@ def test_decode_chunk_holds_no_cache_copy(thinker):
     assert mem.alias_size_in_bytes >= cache_bytes  # the donated cache is updated in place
 
 
-def test_stacks_must_fit_the_call(thinker):
+def test_engine_takes_over_the_scanned_layers():
+    """release_module: the stacks replace the module's arrays of the scanned layers (no second copy); the module
+    then refuses to run them, and stacks that do not fit a call are refused."""
+    thinker = Thinker(preset("tiny").thinker_config, rngs=nnx.Rngs(0), with_encoders=False)
     thinker.model.scan_min_layers = 2
-    ts = ThinkerSlots(thinker, slots=1, context=32, stop_ids=(), prefill_chunk=16, scan_layers=True)
-    model = nnx.merge(ts.graphdef, ts.state)
+    before = [np.asarray(thinker.model.layers[j].self_attn.q_proj.kernel[...]) for j in (2, 3)]
+    ts = ThinkerSlots(thinker, slots=1, context=32, stop_ids=(), prefill_chunk=16, release_module=True)
+    for k, w in enumerate(before):
+        np.testing.assert_array_equal(np.asarray(ts.stacks[2]["self_attn"]["q_proj"]["kernel"][...][k]), w)
+    assert [len(jax.tree.leaves(nnx.state(layer))) > 0 for layer in thinker.model.layers] == [True, True, False, False]
     x = np.zeros((1, 16, 64), np.float32)
     pos = np.zeros((3, 1, 16), np.float32)
+    with pytest.raises(LayerRunError, match="handed over to a serving engine"):
+        thinker.model(x, pos, None)
+    model = nnx.merge(ts.graphdef, ts.state)
     with pytest.raises(LayerRunError, match="cannot take DeepStack"):
         model.model(x, pos, None, deepstack=[x, x, x], stacks=ts.stacks)
 

@@ -105,6 +105,12 @@ class TextModel(nnx.Module):
             i = j
         return runs
 
+    def _check_held(self, first: int, end: int):
+        if any(not jax.tree.leaves(nnx.state(self.layers[j])) for j in range(first, end)):
+            raise LayerRunError(f"decoder layers {first}..{end - 1} of this module were handed over to a serving "
+                                "engine (their parameters live stacked there): run them through the engine, or "
+                                "load the model again")
+
     def _scan(self, first: int, end: int, x, cos, sin, mask, moe_impl, attention_impl, cache=None,
               cache_start=None, stacked=None):
         """Layers [first, end) as one lax.scan over a stacked view of their parameters: `stacked` (from
@@ -113,6 +119,8 @@ class TextModel(nnx.Module):
         copies. With a KV cache (k, v) of [L, B, S, KV, D], the scan carries the whole cache and each layer
         writes its rows in place (dynamic_update_slice at its layer index). Returns (x, cache, per-layer router
         stats (probs, top_i, logits))."""
+        if stacked is None:
+            self._check_held(first, end)
         graphdef, state = nnx.split(self.layers[first])
         if stacked is None:
             states = [state] + [nnx.split(self.layers[j])[1] for j in range(first + 1, end)]
@@ -176,6 +184,7 @@ class TextModel(nnx.Module):
                 i = end
             else:
                 layer = self.layers[i]
+                self._check_held(i, i + 1)
                 with jax.named_scope(f"layer_{i}"):
                     x, cache, r = layer(x, cos, sin, mask, cache, cache_start, moe_impl, attention_impl,
                                         layer_index=None if cache is None else i)

@@ -137,16 +137,40 @@ def stacked_shardings(shardings, runs: dict[int, int]):
     return rest, {f: jax.tree.map(lead, states[0]) for f, states in per_run.items()}
 
 
-def layer_stacks(state, runs: dict[int, int], mesh, rules):
-    """(state without the scanned layers, {first: their parameters stacked}) on the device(s): see
-    models/thinker.py stack_layer_runs. The stacks are a copy: the module's own per-layer arrays stay valid."""
-    from omni_jax.models.thinker import stack_layer_runs
+def _fill_stack(layers: list, out, release):
+    """The per-layer states `layers` stacked into one preallocated stack (sharded as `out`), each dropped (and its
+    module layer in `release` emptied) once copied."""
+    n = len(layers)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype), layers[0])
+    stack = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), out_shardings=out)()
+    put = jax.jit(lambda stk, lay, i: jax.tree.map(lambda a, b: a.at[i].set(b.astype(a.dtype)), stk, lay),
+                  donate_argnums=(0,), out_shardings=out)
+    for k in range(n):
+        stack = put(stack, layers[k], np.int32(k))
+        layers[k] = None
+        if release is not None:
+            nnx.update(release[k], jax.tree.map(lambda a: None, nnx.state(release[k])))
+    return stack
+
+
+def layer_stacks(state, runs: dict[int, int], mesh, rules, release=None):
+    """(state without the scanned layers, {first: their parameters stacked on a leading layer axis}) on the
+    device(s), for `TextModel.__call__(stacks=...)` (see models/thinker.py stack_layer_runs). Each stack is
+    allocated once and filled one layer at a time. release: the TextModel the state was split from: each layer's
+    parameters are dropped from it once copied (the module can no longer run those layers), so the stacks replace
+    the per-layer arrays (peak: the stacks + one layer) instead of holding the scanned layers twice."""
+    from omni_jax.models.thinker import split_layer_runs
 
     if not runs:
         return state, {}
-    out = None if mesh is None else stacked_shardings(S.named_shardings(state, mesh, rules), runs)
+    shardings = None if mesh is None else stacked_shardings(S.named_shardings(state, mesh, rules), runs)[1]
+    rest, per_run = split_layer_runs(state, runs)
+    del state
     with S.on_mesh(mesh, rules):
-        return jax.jit(lambda st: stack_layer_runs(st, runs), out_shardings=out)(state)
+        stacks = {first: _fill_stack(layers, None if shardings is None else shardings[first],
+                                     None if release is None else release.layers[first:first + len(layers)])
+                  for first, layers in per_run.items()}
+    return rest, stacks
 
 
 def prefill_buckets(chunk: int, minimum: int = 16) -> list[int]:
@@ -198,12 +222,14 @@ class ThinkerSlots:
     skips the device cache and slot state (to lower the steps with abstract shapes, e.g. for a TPU topology:
     `_decode.lower(state, stacks, cache, slot_state(...))`). scan_layers: run the layer runs of
     `TextModel.scan_runs` (after the DeepStack layers, split at `collect`) as one lax.scan each, their parameters
-    stored stacked in `self.stacks` (a copy made here); False unrolls every layer."""
+    stored stacked in `self.stacks`; False unrolls every layer. release_module: the stacks take the place of the
+    thinker module's own arrays of those layers (the module can no longer run them; `Engine.from_dir` and
+    OmniSession, which own their module); else the stacks are a copy."""
 
     def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
                  prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
                  moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True,
-                 scan_layers: bool = True):
+                 scan_layers: bool = True, release_module: bool = False):
         self.cfg = thinker.cfg.text_config
         self.attention_impl = attention_impl
         self.mesh, self.rules = mesh, S.get_rules(rules)
@@ -219,7 +245,9 @@ class ThinkerSlots:
         self.runs = thinker.model.scan_runs(levels, self.collect) if scan_layers else {}
         self.stacks = {}
         if allocate:
-            self.state, self.stacks = layer_stacks(self.state, self.runs, mesh, self.rules)
+            state, self.state = self.state, None
+            self.state, self.stacks = layer_stacks(state, self.runs, mesh, self.rules,
+                                                   release=thinker.model if release_module else None)
         self.stop_ids = np.array(sorted(set(stop_ids)) or [-1], np.int32)
         self.vocab = self.cfg.vocab_size
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("has_embeds", "has_deepstack"),

@@ -77,12 +77,14 @@ class Engine:
     in a background thread (`shutdown()` stops it), or `run(request)` drives it inline for one caller.
 
     Holds: `tokenizer`, `cfg`, `defaults` (generation_config), `thinker` (ThinkerSlots), `speech`
-    (serving.speech.SpeechStage or None), `model_name`."""
+    (serving.speech.SpeechStage or None), `model_name`. release_module: the thinker's scanned decoder layers move
+    into the engine (ThinkerSlots; the module can no longer run them): `from_dir` does so for the model it loads."""
 
     def __init__(self, model, cfg, tokenizer, defaults, *, model_name: str, max_slots: int = 4, max_queue: int = 64,
                  max_context: int | None = None, chunk_steps: int = 16, prefill_chunk: int = 256, speech: bool = False,
                  mesh=None, rules="default", talker_context: int | None = None, audio_group_frames: int = 4,
-                 audio_left_context: int = 25, moe_impl: str = "auto", attention_impl: str = "auto"):
+                 audio_left_context: int = 25, moe_impl: str = "auto", attention_impl: str = "auto",
+                 release_module: bool = False):
         from omni_jax.kernels.impls import check_impl
 
         check_impl("moe", moe_impl)
@@ -98,7 +100,7 @@ class Engine:
         self.thinker = ThinkerSlots(model.thinker, slots=max_slots, context=self.max_context, stop_ids=self.stop_ids,
                                     chunk_steps=chunk_steps, prefill_chunk=prefill_chunk,
                                     collect=() if accept is None else (0, accept), mesh=mesh, rules=rules,
-                                    moe_impl=moe_impl, attention_impl=attention_impl)
+                                    moe_impl=moe_impl, attention_impl=attention_impl, release_module=release_module)
         self.speech = None
         if speech:
             from omni_jax.serving.speech import SpeechStage
@@ -137,6 +139,7 @@ class Engine:
             check_speech_available(model_dir)
         parts = ("thinker", "talker", "code2wav") if speech else ("thinker",)
         model, cfg = load_model(model_dir, dtype=dtype, parts=parts, mesh=mesh, rules=rules)
+        kwargs.setdefault("release_module", True)  # the engine owns the model it loaded
         engine = cls(model, cfg, Tokenizer.from_dir(model_dir), GenerationDefaults.from_dir(model_dir),
                      model_name=os.path.basename(os.path.normpath(model_dir)), max_slots=max_slots,
                      max_queue=max_queue, max_context=max_context, speech=speech, mesh=mesh, rules=rules, **kwargs)
