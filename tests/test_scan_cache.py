@@ -57,15 +57,18 @@ def test_thinker_slots_scanned_equal_unrolled(thinker):
 
 def test_decode_chunk_holds_no_cache_copy(thinker):
     """The scan carries the stacked cache and writes its layer's rows in place: the compiled decode chunk's
-    temporaries stay below one copy of the cache (XLA on CPU; the xla attention reads a layer's slice)."""
+    temporaries stay below one copy of the cache (XLA on CPU; the xla attention reads a layer's slice), also for
+    the one-slot bucket."""
     thinker.model.scan_min_layers = 2
     ts = ThinkerSlots(thinker, slots=4, context=1024, stop_ids=(), chunk_steps=2, prefill_chunk=256)
     assert ts.runs == {2: 4}
-    compiled = ts._decode.lower(ts.state, ts.stacks, ts.cache, ts.dstate).compile()
     cache_bytes = 2 * ts.cache[0].nbytes
-    mem = compiled.memory_analysis()
-    assert mem.temp_size_in_bytes < cache_bytes / 2
-    assert mem.alias_size_in_bytes >= cache_bytes  # the donated cache is updated in place
+    assert ts.row_buckets == [1, 2, 4]
+    for rows in (4, 1):  # all slots; the first slot only (a lone request: its rows are sliced out, written back)
+        compiled = ts._decode.lower(ts.state, ts.stacks, ts.cache, ts.dstate, rows=rows).compile()
+        mem = compiled.memory_analysis()
+        assert mem.temp_size_in_bytes < cache_bytes / 2
+        assert mem.alias_size_in_bytes >= cache_bytes  # the donated cache is updated in place
 
 
 def test_engine_takes_over_the_scanned_layers():

@@ -13,14 +13,16 @@ No threads and no request bookkeeping here (scheduler.py does that); every step 
   token and, on request, hidden states (`collect`) of the chunk.
 - `insert(slot, ...)`: the slot's decode state (first token, cache index, rope delta, budget, sampling
   parameters as data, PRNG key, repetition-penalty ids).
-- `decode()`: `chunk_steps` tokens for every slot in one `lax.fori_loop` with a static trip count: the loop
+- `decode()`: `chunk_steps` tokens for every slot (the first 1, 2, 4, ... slots when the later ones are idle:
+  `row_buckets`) in one `lax.fori_loop` with a static trip count: the loop
   condition reads only the counter, so no device value goes to the host per token (on GPU the body can be one
   captured graph). Finished rows are masked on the device (stop ids, budget); the host reads the chunk's tokens
   and checks stop strings between chunks. Inactive rows still run (static shapes) and write only their
   scratch position (context - 1, never read by a valid row).
 
 Every compiled shape is known up front: `warmup()` compiles prefill for each bucket (text and embeds variants)
-and the decode chunk, and `CompileCounter` counts XLA compilations so tests can assert none happens afterwards.
+and the decode chunk for each slot bucket, and `CompileCounter` counts XLA compilations so tests can assert none
+happens afterwards.
 
 A token at cache index n gets rope position n + delta on all three axes (reference §3). With `mesh=` the
 parameters sit at their rule shardings, every step runs under the mesh and the cache is sharded over slots and
@@ -224,12 +226,14 @@ class ThinkerSlots:
     `TextModel.scan_runs` (after the DeepStack layers, split at `collect`) as one lax.scan each, their parameters
     stored stacked in `self.stacks`; False unrolls every layer. release_module: the stacks take the place of the
     thinker module's own arrays of those layers (the module can no longer run them; `Engine.from_dir` and
-    OmniSession, which own their module); else the stacks are a copy."""
+    `omni-jax generate`, which own their module); else the stacks are a copy. slot_buckets: compile the decode
+    chunk for the first 1, 2, 4, ... slots too (`row_buckets`; each chunk runs the smallest that holds every
+    active slot)."""
 
     def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
                  prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
                  moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True,
-                 scan_layers: bool = True, release_module: bool = False):
+                 scan_layers: bool = True, release_module: bool = False, slot_buckets: bool = True):
         self.cfg = thinker.cfg.text_config
         self.attention_impl = attention_impl
         self.mesh, self.rules = mesh, S.get_rules(rules)
@@ -244,6 +248,8 @@ class ThinkerSlots:
         levels = len(vision.deepstack_visual_indexes) if vision is not None else 0
         self.runs = thinker.model.scan_runs(levels, self.collect) if scan_layers else {}
         self.stacks = {}
+        self.row_buckets = self._row_buckets(slot_buckets)
+        self._live = np.zeros(slots, bool)  # host copy of the slots' active flags (decode's bucket)
         if allocate:
             state, self.state = self.state, None
             self.state, self.stacks = layer_stacks(state, self.runs, mesh, self.rules,
@@ -252,7 +258,7 @@ class ThinkerSlots:
         self.vocab = self.cfg.vocab_size
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("has_embeds", "has_deepstack"),
                                 donate_argnums=(2,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("rows",))
         self._insert = jax.jit(_set_row, donate_argnums=(0,))
         self._embed_ids = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
         self._mm_embed = jax.jit(self._mm_embed_impl, static_argnames=("image_grid", "video_grid"))
@@ -267,6 +273,19 @@ class ThinkerSlots:
 
     def put(self, tree):
         return put_tree(tree, self.mesh)
+
+    def _row_buckets(self, enabled: bool) -> list[int]:
+        """Slot counts the decode chunk is compiled for: 1, 2, 4, ... and `slots`. Only [slots] when disabled or
+        when the slots are sharded over devices (a slice of the first slots would move cache rows between them)."""
+        sharded = self.mesh is not None and S.logical_to_spec(("batch",), self.rules, self.mesh,
+                                                              (self.slots,))[0] is not None
+        if not enabled or sharded:
+            return [self.slots]
+        out, r = [], 1
+        while r < self.slots:
+            out.append(r)
+            r *= 2
+        return out + [self.slots]
 
     # -- compiled steps ------------------------------------------------------------------------------------
     def _mm_embed_impl(self, state, ids, audio, image_px, image_grid, video_px, video_grid):
@@ -294,11 +313,28 @@ class ThinkerSlots:
         logits = model.logits(jax.lax.dynamic_index_in_dim(hidden[0], last, 0, keepdims=False))
         return replicated(logits), cache, replicated({i: h[0] for i, h in aux["hidden"].items()})
 
-    def _decode_impl(self, state, stacks, cache, ds):
-        """chunk_steps decode steps for every slot. Returns (cache, ds, tokens int [slots, K], emitted bool
-        [slots, K]): row b produced tokens[b, i] at step i iff emitted[b, i]."""
+    def _decode_impl(self, state, stacks, cache, ds, rows: int | None = None):
+        """chunk_steps decode steps for the first `rows` slots (static; None: all; `decode` picks the smallest of
+        `self.row_buckets` that holds every active slot). Returns (cache, ds, tokens int [slots, K], emitted bool
+        [slots, K]): row b produced tokens[b, i] at step i iff emitted[b, i]. With rows < slots only those slots'
+        cache rows are read (a copy of rows / slots of the cache per chunk) and written back in place."""
         model = nnx.merge(self.graphdef, state)
-        b, k = self.slots, self.chunk_steps
+        n, k = self.slots if rows is None else rows, self.chunk_steps
+        if n == self.slots:
+            cache, ds, out, emitted = self._chunk(model, stacks, cache, ds, n)
+            return cache, ds, replicated(out), replicated(emitted)
+        sub = tuple(jax.lax.slice_in_dim(c, 0, n, axis=1) for c in cache)
+        sub, sub_ds, out, emitted = self._chunk(model, stacks, sub, jax.tree.map(lambda x: x[:n], ds), n)
+        cache = tuple(S.constrain(jax.lax.dynamic_update_slice_in_dim(c, r, 0, 1), STACK_AXES)
+                      for c, r in zip(cache, sub))
+        ds = jax.tree.map(lambda full, part: full.at[:n].set(part), ds, sub_ds)
+        out = jnp.full((self.slots, k), -1, jnp.int32).at[:n].set(out)
+        emitted = jnp.zeros((self.slots, k), bool).at[:n].set(emitted)
+        return cache, ds, replicated(out), replicated(emitted)
+
+    def _chunk(self, model, stacks, cache, ds, b: int):
+        """The decode loop over b slots (cache [L, b, S, KV, D], ds rows [b])."""
+        k = self.chunk_steps
         rows = jnp.arange(b)
         stop = jnp.asarray(self.stop_ids)
 
@@ -321,8 +357,7 @@ class ThinkerSlots:
 
         out = jnp.full((b, k), -1, jnp.int32)
         emitted = jnp.zeros((b, k), bool)
-        cache, ds, out, emitted = jax.lax.fori_loop(0, k, body, (cache, ds, out, emitted))
-        return cache, ds, replicated(out), replicated(emitted)
+        return jax.lax.fori_loop(0, k, body, (cache, ds, out, emitted))
 
     # -- host wrappers ---------------------------------------------------------------------------------------
     def prefill(self, slot: int, start: int, positions: np.ndarray, *, ids: np.ndarray | None = None,
@@ -349,16 +384,30 @@ class ThinkerSlots:
                    sampling=row_values(sampling))
         with self.on_mesh():
             self.dstate = self._insert(self.dstate, np.int32(slot), self.put(row))
+        self._live[slot] = row["active"]
 
     def deactivate(self, slot: int):
         with self.on_mesh():
             self.dstate = self._insert(self.dstate, np.int32(slot), self.put(dict(active=False)))
+        self._live[slot] = False
 
-    def decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Run one decode chunk: (tokens int [slots, K], emitted bool [slots, K], still active bool [slots])."""
+    def decode(self, rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run one decode chunk: (tokens int [slots, K], emitted bool [slots, K], still active bool [slots]). It
+        runs on the first `rows` slots: by default the smallest of `row_buckets` that holds every active slot (the
+        scheduler hands out the lowest free slot, so a lone request decodes one row, not `slots`)."""
+        if rows is None:
+            last = np.flatnonzero(self._live)
+            rows = next(r for r in self.row_buckets if r > (last[-1] if last.size else 0))
         with self.on_mesh():
-            self.cache, self.dstate, out, emitted = self._decode(self.state, self.stacks, self.cache, self.dstate)
-        return np.asarray(out), np.asarray(emitted), np.asarray(self.dstate["active"])
+            self.cache, self.dstate, out, emitted = self._decode(self.state, self.stacks, self.cache, self.dstate,
+                                                                 rows=rows)
+        self._live = np.asarray(self.dstate["active"])
+        return np.asarray(out), np.asarray(emitted), self._live.copy()
+
+    def warm_decode(self):
+        """Compile the decode chunk for every slot-count bucket (slots left as they are)."""
+        for rows in self.row_buckets:
+            self.decode(rows)
 
     def first_token(self, logits, sampling: SamplingParams, seed: int, seen: np.ndarray | None) -> int:
         """The token sampled from prefill logits (row key `seed`, draw 0; the decode loop continues from draw 1)."""
@@ -414,5 +463,5 @@ class ThinkerSlots:
                 self.first_token(logits, SamplingParams(), 0, None)
         self.insert(0, tok=0, idx=0, delta=0.0, remaining=0, seed=0, count=1, sampling=SamplingParams())
         self.deactivate(0)
-        self.decode()
+        self.warm_decode()
         self.embed_tokens(np.zeros(1, np.int32))
