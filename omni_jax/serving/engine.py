@@ -401,7 +401,7 @@ class ThinkerSlots:
         with self.on_mesh():
             self.cache, self.dstate, out, emitted = self._decode(self.state, self.stacks, self.cache, self.dstate,
                                                                  rows=rows)
-        self._live = np.asarray(self.dstate["active"])
+        self._live = np.array(self.dstate["active"])  # a writable copy (insert / deactivate set rows)
         return np.asarray(out), np.asarray(emitted), self._live.copy()
 
     def warm_decode(self):
