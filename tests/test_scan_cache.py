@@ -90,6 +90,7 @@ def test_engine_takes_over_the_scanned_layers():
         model.model(x, pos, None, deepstack=[x, x, x], stacks=ts.stacks)
 
 
+@pytest.mark.slow  # the default suite runs the talker scanned in test_speech_batch.py (codes equal transformers')
 def test_talker_prefill_scanned_equal_unrolled():
     """The talker's slots (decode: tests/test_speech_batch.py and tests/test_engine.py run the talker scanned and
     compare its codes with transformers' / the solo runs)."""
