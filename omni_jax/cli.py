@@ -196,7 +196,7 @@ def cmd_generate(a) -> int:
         raise SpeechError("--speak with --use-audio-in-video is not supported (the reference's talker does not "
                           "receive use_audio_in_video either)")
     session = OmniSession(a.model, dtype=a.dtype, speech=a.speak is not None, mesh=a.mesh, rules=a.rules,
-                          max_slots=1, moe_impl=a.moe_impl, attention_impl=a.attention_impl)
+                          max_slots=1, moe_impl=a.moe_impl, attention_impl=a.attention_impl, release_module=True)
     sampling = session.sampling(greedy=True if a.greedy else None, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed)
     if getattr(a, "stream", False):

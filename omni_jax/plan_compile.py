@@ -9,8 +9,9 @@ state, batch and KV cache are ShapeDtypeStructs from `nnx.eval_shape`, with the 
 The compiled steps are the ones the project runs:
 - train: omni_jax/train/step.py's train step (AdamW with fp32 master weights, the compute dtype, remat), on a
   text batch [B, T] split over the mesh's data x fsdp axes;
-- prefill / decode: the generator's prefill (prompt of T tokens into a KV cache of T) and one decode step
-  (B rows against a cache of T) from omni_jax/generate.py.
+- prefill / decode: the serving engine's steps (omni_jax/serving/engine.py ThinkerSlots): one slot's prefill of
+  T tokens into a B-slot KV cache of T positions, and one decode chunk for B slots; the decoder layers run as
+  one lax.scan over the engine's stacked layer parameters, carrying the stacked KV cache.
 
 Kernels are chosen by the mesh's platform (kernels/platform.py): `auto` is megablox / splash on TPU.
 The report is one chip's share: memory_analysis() (arguments, outputs, temporaries), cost_analysis() FLOPs, the
@@ -198,13 +199,15 @@ def _lower_serving(model, mesh, rules, mode, *, batch, seq_len, moe_impl, attent
     from jax.sharding import PartitionSpec as P
 
     from omni_jax import sharding as S
-    from omni_jax.serving.engine import ThinkerSlots, slot_state
+    from omni_jax.models.thinker import stack_layer_runs
+    from omni_jax.serving.engine import STACK_AXES, ThinkerSlots, cache_shape, slot_state, stacked_shardings
 
     context = -(-seq_len // 16) * 16
     gen = ThinkerSlots(model.thinker, slots=batch, context=context, stop_ids=(), prefill_chunk=context,
                        moe_impl=moe_impl, attention_impl=attention_impl, allocate=False)
-    state_sh = S.named_shardings(gen.state, mesh, rules)
-    state = _sds(gen.state, state_sh)
+    rest_sh, stacks_sh = stacked_shardings(S.named_shardings(gen.state, mesh, rules), gen.runs)
+    rest, stacks = jax.eval_shape(lambda st: stack_layer_runs(st, gen.runs), gen.state)
+    state, stacks = _sds(rest, rest_sh), _sds(stacks, stacks_sh)
     t = gen.cfg
     dtype = gen.dtype
     rep = NamedSharding(mesh, P())
@@ -213,19 +216,19 @@ def _lower_serving(model, mesh, rules, mode, *, batch, seq_len, moe_impl, attent
         return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, S.logical_to_spec(axes, rules, mesh,
                                                                                                shape)))
 
-    kv = spec((batch, gen.context, t.num_key_value_heads, t.head_dim), dtype, ("batch", "seq", "kv_heads", "head_dim"))
-    cache = [(kv, kv) for _ in range(t.num_hidden_layers)]
+    kv = spec(cache_shape(t, batch, gen.context), dtype, STACK_AXES)
+    cache = (kv, kv)
     with S.activate(mesh, rules):
         if mode == "prefill":  # one slot's prompt of seq_len tokens into the slot cache (the engine's prefill step)
             scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
             ids = jax.ShapeDtypeStruct((1, gen.context), jnp.int32, sharding=rep)
             positions = jax.ShapeDtypeStruct((3, 1, gen.context), jnp.float32, sharding=rep)
-            lowered = gen._prefill.lower(state, cache, scalar, scalar, ids, None, positions, scalar, None,
+            lowered = gen._prefill.lower(state, stacks, cache, scalar, scalar, ids, None, positions, scalar, None,
                                          has_embeds=False, has_deepstack=False)
         else:  # one decode chunk (chunk_steps tokens) for `batch` slots
             host = slot_state(batch, gen.vocab, gen.context)
             ds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), host)
-            lowered = gen._decode.lower(state, cache, ds)
+            lowered = gen._decode.lower(state, stacks, cache, ds)
     return lowered, nnx.state(model, nnx.Param)
 
 

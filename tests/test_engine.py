@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 from hf_fixtures import hf_model_from_dir
 
+from omni_jax.models.thinker import TextModel
 from omni_jax.processing import chat
 from omni_jax.serving import AudioChunk, Finished, QueueFull, Request, RequestError, TextDelta
 from omni_jax.serving.scheduler import Engine
@@ -27,8 +28,13 @@ LONG = [{"role": "system", "content": "you are a careful assistant that answers 
 @pytest.fixture(scope="module")
 def engine(tiny_hf_dir):
     # prefill_chunk 16: every prompt here takes 2-4 prefill chunks; chunk_steps 4: rows stop mid-chunk.
-    eng = Engine.from_dir(tiny_hf_dir, speech=True, max_context=128, max_slots=3, max_queue=8, chunk_steps=4,
-                          prefill_chunk=16)
+    # Scanned layers (as the released model's): thinker layers 2-3 (after the DeepStack layers 0-1) and both
+    # talker layers run as one lax.scan over the stacked KV cache; the greedy tokens below equal transformers'.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TextModel, "scan_min_layers", 2)
+        eng = Engine.from_dir(tiny_hf_dir, speech=True, max_context=128, max_slots=3, max_queue=8, chunk_steps=4,
+                              prefill_chunk=16)
+    assert eng.thinker.runs == {2: 4} and eng.speech.talker.runs == {0: 2}
     yield eng
     eng.shutdown()
 
@@ -236,11 +242,11 @@ def test_decode_chunks_have_static_trip_counts(engine):
     i.e. its condition reads only its counter. Control: a data-dependent `while_loop` (the previous decode loop's
     `step < steps & ~all(finished)`) is caught."""
     th = engine.thinker
-    hlo = th._decode.lower(th.state, th.cache, th.dstate).compile().as_text()
+    hlo = th._decode.lower(th.state, th.stacks, th.cache, th.dstate).compile().as_text()
     assert while_loops(hlo) and not reads_device_data_per_step(hlo)
     assert any(f'"n":"{th.chunk_steps}"' in line for line in while_loops(hlo))
     tk = engine.speech.talker
-    args = (tk.state, tk.cache, tk.dstate, jnp.zeros((tk.slots, tk.chunk_steps), jnp.int32),
+    args = (tk.state, tk.stacks, tk.cache, tk.dstate, jnp.zeros((tk.slots, tk.chunk_steps), jnp.int32),
             jnp.zeros(tk.slots, jnp.int32), tk.thinker_embed)
     hlo = tk._decode.lower(*args).compile().as_text()
     assert while_loops(hlo) and not reads_device_data_per_step(hlo)

@@ -24,6 +24,7 @@ from hf_fixtures import hf_model_from_dir
 
 from omni_jax.config import TINY_TOKENS
 from omni_jax.inference import OmniSession
+from omni_jax.models.thinker import TextModel
 from omni_jax.processing import chat
 from omni_jax.speech import SpeechError, talker_sampling
 
@@ -40,7 +41,13 @@ CONVS = [  # three prompt lengths (21, 22 and 30 tokens)
 
 @pytest.fixture(scope="module")
 def session(tiny_hf_dir):
-    return OmniSession(tiny_hf_dir, speech=True)
+    # the talker's two layers (and thinker layers 2-3) run as one lax.scan over the stacked KV cache (as the
+    # released model's): the codes and waveforms below equal transformers'
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TextModel, "scan_min_layers", 2)
+        session = OmniSession(tiny_hf_dir, speech=True)
+    assert session.engine.thinker.runs == {2: 4} and session.engine.speech.talker.runs == {0: 2}
+    return session
 
 
 @pytest.fixture(scope="module")

@@ -62,17 +62,18 @@ class Talker(nnx.Module):
         return self.model.codec_embedding(ids)
 
     def __call__(self, embeds, positions, mask, cache=None, cache_start=None, moe_impl: str = "auto",
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", stacks: dict | None = None):
         """embeds [B, T, H]; positions int [3, B, T] (T, H, W axes; [B, T] = same on all axes); mask: AttentionMask
         (or bool [B, T, S] for the xla impl).
 
-        cache: list of (k, v) [B, S, KV, D] per layer or None; cache_start int [B] or None (prefill from 0), as in
-        `TextModel`. Returns (logits [B, T, vocab] (codebook 0), final-normed hidden [B, T, H], new cache).
+        cache: (k, v) of every layer [L, B, S, KV, D] or None; cache_start int [B] or None (prefill from 0);
+        stacks: pre-stacked layer runs; all as in `TextModel`. Returns (logits [B, T, vocab] (codebook 0),
+        final-normed hidden [B, T, H], new cache).
         The final-normed hidden state of the last position is what the code predictor receives (P12).
         """
         with jax.named_scope("talker_decoder"):
             hidden, new_cache, _ = self.model(embeds, positions, mask, cache, cache_start, moe_impl=moe_impl,
-                                              attention_impl=attention_impl)
+                                              attention_impl=attention_impl, stacks=stacks)
         with jax.named_scope("codec_head"):
             logits = self.codec_head(hidden)
         return logits, hidden, new_cache

@@ -2,8 +2,10 @@
 
 No threads and no request bookkeeping here (scheduler.py does that); every step is a jitted function of arrays:
 
-- The KV cache holds `slots` rows of `context` positions per layer ([slots, context, kv_heads, head_dim]); a
-  request owns one row from admission to its end.
+- The KV cache holds `slots` rows of `context` positions for every layer, stacked: (k, v) of [layers, slots,
+  context, kv_heads, head_dim]; a request owns one row from admission to its end. Runs of identical decoder
+  layers run as one lax.scan that carries the stack and writes its layer's rows in place (TextModel.scan_runs;
+  their parameters are stored stacked once, `layer_stacks`), so the compiled steps hold one layer body.
 - `prefill(slot, ids / embeds, start)`: T prompt tokens (T a power-of-two bucket, at most `prefill_chunk`) are
   written into the slot's cache row at `start` and attend to what the row already holds, so a long prompt runs
   as several chunks and the scheduler decodes the running requests between them (prefill and insert are one
@@ -11,20 +13,22 @@ No threads and no request bookkeeping here (scheduler.py does that); every step 
   token and, on request, hidden states (`collect`) of the chunk.
 - `insert(slot, ...)`: the slot's decode state (first token, cache index, rope delta, budget, sampling
   parameters as data, PRNG key, repetition-penalty ids).
-- `decode()`: `chunk_steps` tokens for every slot in one `lax.fori_loop` with a static trip count: the loop
+- `decode()`: `chunk_steps` tokens for every slot (the first 1, 2, 4, ... slots when the later ones are idle:
+  `row_buckets`) in one `lax.fori_loop` with a static trip count: the loop
   condition reads only the counter, so no device value goes to the host per token (on GPU the body can be one
   captured graph). Finished rows are masked on the device (stop ids, budget); the host reads the chunk's tokens
   and checks stop strings between chunks. Inactive rows still run (static shapes) and write only their
   scratch position (context - 1, never read by a valid row).
 
 Every compiled shape is known up front: `warmup()` compiles prefill for each bucket (text and embeds variants),
-the decode chunk and the media steps, and `CompileCounter` counts XLA compilations so tests can assert none
-happens afterwards. Media never multiply shapes (`media_embeds`): each audio is encoded alone, its mel frames
-zero-padded to an audio bucket (`audio_buckets`: one attention window of 1 s chunks, 8 for the release, doubling
-up to `max_audio_chunks`; the prompt's longest audio is passed along, so the result equals encoding all its audios
-together, P5); each image / video is encoded alone, compiled once per grid (on first use, or by
-`warmup(image_sizes=...)`); the rows are placed into the token embeddings in pieces of `prefill_chunk` tokens by
-one compiled merge (Thinker.place_media). Audio past the largest bucket raises AudioTooLongError, never compiles.
+the decode chunk for each slot bucket and the media steps, and `CompileCounter` counts XLA compilations so tests
+can assert none happens afterwards. Media never multiply shapes (`media_embeds`): each audio is encoded alone, its
+mel frames zero-padded to an audio bucket (`audio_buckets`: one attention window of 1 s chunks, 8 for the
+release, doubling up to `max_audio_chunks`; the prompt's longest audio is passed along, so the result equals
+encoding all its audios together, P5); each image / video is encoded alone, compiled once per grid (on first use,
+or by `warmup(image_sizes=...)`); the rows are placed into the token embeddings in pieces of `prefill_chunk` tokens
+by one compiled merge (Thinker.place_media). Audio past the largest bucket raises AudioTooLongError, never
+compiles.
 
 A token at cache index n gets rope position n + delta on all three axes (reference §3). With `mesh=` the
 parameters sit at their rule shardings, every step runs under the mesh and the cache is sharded over slots and
@@ -48,6 +52,7 @@ from omni_jax.processing.audio import TOKENS_PER_FULL_CHUNK, AudioError
 from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_values
 
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+STACK_AXES = (None,) + CACHE_AXES  # the stacked cache's leading layer axis is never sharded
 
 
 class CompileCounter:
@@ -77,11 +82,16 @@ class CompileCounter:
         return CompileCounter._counts.get(thread_id, 0)
 
 
-def empty_cache(cfg, batch: int, length: int, dtype) -> list:
-    """Zero KV cache: per layer (k, v) of [batch, length, kv_heads, head_dim] (thinker and talker configs)."""
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return [(S.constrain(jnp.zeros(shape, dtype), CACHE_AXES), S.constrain(jnp.zeros(shape, dtype), CACHE_AXES))
-            for _ in range(cfg.num_hidden_layers)]
+def cache_shape(cfg, batch: int, length: int) -> tuple[int, ...]:
+    """[layers, batch, length, kv_heads, head_dim]: the shape of k and of v in a KV cache (`empty_cache`)."""
+    return (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+
+
+def empty_cache(cfg, batch: int, length: int, dtype) -> tuple:
+    """Zero KV cache of every layer (thinker and talker configs): (k, v) of [layers, batch, length, kv_heads,
+    head_dim] (TextModel's cache form: unrolled layers index it, scanned runs carry it)."""
+    shape = cache_shape(cfg, batch, length)
+    return S.constrain(jnp.zeros(shape, dtype), STACK_AXES), S.constrain(jnp.zeros(shape, dtype), STACK_AXES)
 
 
 def cache_mask(start: jnp.ndarray, t: int, s: int) -> AttentionMask:
@@ -92,14 +102,15 @@ def cache_mask(start: jnp.ndarray, t: int, s: int) -> AttentionMask:
     return AttentionMask.decode(start, t)
 
 
-def take_row(cache: list, slot) -> list:
-    """One slot's rows [1, S, KV, D] of a slot cache."""
-    return [tuple(jax.lax.dynamic_slice_in_dim(c, slot, 1, 0) for c in kv) for kv in cache]
+def take_row(cache: tuple, slot) -> tuple:
+    """One slot's rows (k, v) [L, 1, S, KV, D] of a slot cache."""
+    return tuple(jax.lax.dynamic_slice_in_dim(c, slot, 1, 1) for c in cache)
 
 
-def put_row(cache: list, row: list, slot) -> list:
-    return [tuple(S.constrain(jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 0), CACHE_AXES)
-                  for c, r in zip(kv, rkv)) for kv, rkv in zip(cache, row)]
+def put_row(cache: tuple, row: tuple, slot) -> tuple:
+    """The slot cache with `row` (from take_row) written back at `slot` (in place)."""
+    return tuple(S.constrain(jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 1), STACK_AXES)
+                 for c, r in zip(cache, row))
 
 
 def put_tree(tree, mesh):
@@ -121,6 +132,54 @@ def place_params(module, mesh, rules, what: str, text_config):
         S.check_model_fits(mesh, [(what, text_config)])
         state = jax.device_put(state, S.named_shardings(state, mesh, rules))
     return graphdef, state
+
+
+def stacked_shardings(shardings, runs: dict[int, int]):
+    """The shardings of `stack_layer_runs(state, runs)` from the state's shardings (`S.named_shardings`): the
+    stacks take their first layer's shardings behind an unsharded layer axis."""
+    from jax.sharding import NamedSharding
+
+    from omni_jax.models.thinker import split_layer_runs
+
+    rest, per_run = split_layer_runs(shardings, runs)
+    lead = lambda sh: NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec))  # noqa: E731
+    return rest, {f: jax.tree.map(lead, states[0]) for f, states in per_run.items()}
+
+
+def _fill_stack(layers: list, out, release):
+    """The per-layer states `layers` stacked into one preallocated stack (sharded as `out`), each dropped (and its
+    module layer in `release` emptied) once copied."""
+    n = len(layers)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype), layers[0])
+    stack = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), out_shardings=out)()
+    put = jax.jit(lambda stk, lay, i: jax.tree.map(lambda a, b: a.at[i].set(b.astype(a.dtype)), stk, lay),
+                  donate_argnums=(0,), out_shardings=out)
+    for k in range(n):
+        stack = put(stack, layers[k], np.int32(k))
+        layers[k] = None
+        if release is not None:
+            nnx.update(release[k], jax.tree.map(lambda a: None, nnx.state(release[k])))
+    return stack
+
+
+def layer_stacks(state, runs: dict[int, int], mesh, rules, release=None):
+    """(state without the scanned layers, {first: their parameters stacked on a leading layer axis}) on the
+    device(s), for `TextModel.__call__(stacks=...)` (see models/thinker.py stack_layer_runs). Each stack is
+    allocated once and filled one layer at a time. release: the TextModel the state was split from: each layer's
+    parameters are dropped from it once copied (the module can no longer run those layers), so the stacks replace
+    the per-layer arrays (peak: the stacks + one layer) instead of holding the scanned layers twice."""
+    from omni_jax.models.thinker import split_layer_runs
+
+    if not runs:
+        return state, {}
+    shardings = None if mesh is None else stacked_shardings(S.named_shardings(state, mesh, rules), runs)[1]
+    rest, per_run = split_layer_runs(state, runs)
+    del state
+    with S.on_mesh(mesh, rules):
+        stacks = {first: _fill_stack(layers, None if shardings is None else shardings[first],
+                                     None if release is None else release.layers[first:first + len(layers)])
+                  for first, layers in per_run.items()}
+    return rest, stacks
 
 
 def prefill_buckets(chunk: int, minimum: int = 16) -> list[int]:
@@ -186,11 +245,18 @@ class ThinkerSlots:
     max_audio_chunks: longest audio input in encoder chunks (1 s each; default: as many as the context's tokens
     could hold, 13 per chunk). allocate=False
     skips the device cache and slot state (to lower the steps with abstract shapes, e.g. for a TPU topology:
-    `_decode.lower(state, cache, slot_state(...))`)."""
+    `_decode.lower(state, stacks, cache, slot_state(...))`). scan_layers: run the layer runs of
+    `TextModel.scan_runs` (after the DeepStack layers, split at `collect`) as one lax.scan each, their parameters
+    stored stacked in `self.stacks`; False unrolls every layer. release_module: the stacks take the place of the
+    thinker module's own arrays of those layers (the module can no longer run them; `Engine.from_dir` and
+    `omni-jax generate`, which own their module); else the stacks are a copy. slot_buckets: compile the decode
+    chunk for the first 1, 2, 4, ... slots too (`row_buckets`; each chunk runs the smallest that holds every
+    active slot)."""
 
     def __init__(self, thinker, *, slots: int, context: int, stop_ids: tuple[int, ...], chunk_steps: int = 16,
                  prefill_chunk: int = 256, collect: tuple[int, ...] = (), mesh=None, rules="default",
                  moe_impl: str = "auto", attention_impl: str = "auto", cache_dtype=None, allocate: bool = True,
+                 scan_layers: bool = True, release_module: bool = False, slot_buckets: bool = True,
                  max_audio_chunks: int | None = None):
         self.cfg, self.thinker_cfg = thinker.cfg.text_config, thinker.cfg
         self.attention_impl = attention_impl
@@ -202,19 +268,27 @@ class ThinkerSlots:
         self.prefill_chunk = min(bucket(prefill_chunk), bucket(context))
         self.context = -(-context // self.prefill_chunk) * self.prefill_chunk  # chunks never run past the end
         self.collect = tuple(sorted(set(collect)))
+        vision = thinker.cfg.vision_config
+        self.deepstack_levels = len(vision.deepstack_visual_indexes) if vision is not None else 0
+        self.runs = thinker.model.scan_runs(self.deepstack_levels, self.collect) if scan_layers else {}
+        self.stacks = {}
+        self.row_buckets = self._row_buckets(slot_buckets)
+        self._live = np.zeros(slots, bool)  # host copy of the slots' active flags (decode's bucket)
+        if allocate:
+            state, self.state = self.state, None
+            self.state, self.stacks = layer_stacks(state, self.runs, mesh, self.rules,
+                                                   release=thinker.model if release_module else None)
         self.stop_ids = np.array(sorted(set(stop_ids)) or [-1], np.int32)
         self.vocab = self.cfg.vocab_size
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("has_embeds", "has_deepstack"),
-                                donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2))
+                                donate_argnums=(2,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("rows",))
         self._insert = jax.jit(_set_row, donate_argnums=(0,))
         self._embed_ids = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).embed(ids))
         audio_cfg = thinker.cfg.audio_config
         self.audio_chunk_frames = 2 * audio_cfg.n_window
         self.max_audio_chunks = max_audio_chunks or -(-self.context // TOKENS_PER_FULL_CHUNK)
         self.audio_buckets = audio_buckets(self.max_audio_chunks, audio_cfg.n_window_infer // self.audio_chunk_frames)
-        vision = thinker.cfg.vision_config
-        self.deepstack_levels = len(vision.deepstack_visual_indexes) if vision is not None else 0
         self._audio = jax.jit(self._audio_impl)
         self._vision = jax.jit(self._vision_impl, static_argnames=("grid",))
         self._merge = jax.jit(self._merge_impl)
@@ -230,6 +304,19 @@ class ThinkerSlots:
 
     def put(self, tree):
         return put_tree(tree, self.mesh)
+
+    def _row_buckets(self, enabled: bool) -> list[int]:
+        """Slot counts the decode chunk is compiled for: 1, 2, 4, ... and `slots`. Only [slots] when disabled or
+        when the slots are sharded over devices (a slice of the first slots would move cache rows between them)."""
+        sharded = self.mesh is not None and S.logical_to_spec(("batch",), self.rules, self.mesh,
+                                                              (self.slots,))[0] is not None
+        if not enabled or sharded:
+            return [self.slots]
+        out, r = [], 1
+        while r < self.slots:
+            out.append(r)
+            r *= 2
+        return out + [self.slots]
 
     # -- compiled steps ------------------------------------------------------------------------------------
     def _audio_impl(self, state, features, frame_lengths, longest):
@@ -252,7 +339,7 @@ class ThinkerSlots:
                                             image=(image_rows, list(image_levels)),
                                             video=(video_rows, list(video_levels))))
 
-    def _prefill_impl(self, state, cache, slot, start, ids, embeds, positions, last, deepstack, *,
+    def _prefill_impl(self, state, stacks, cache, slot, start, ids, embeds, positions, last, deepstack, *,
                       has_embeds: bool, has_deepstack: bool):
         """ids int [1, T] (or embeds [1, T, H] when has_embeds), positions float32 [3, 1, T], start / last int
         scalars (cache index of the chunk's first token; index in the chunk of its last valid token) ->
@@ -266,16 +353,33 @@ class ThinkerSlots:
         hidden, row, aux = model.model(x, positions, cache_mask(begin, t, self.context), cache=row,
                                        cache_start=begin, deepstack=deepstack if has_deepstack else None,
                                        collect_hidden=self.collect, moe_impl=self.moe_impl,
-                                       attention_impl=self.attention_impl)
+                                       attention_impl=self.attention_impl, stacks=stacks)
         cache = put_row(cache, row, slot)
         logits = model.logits(jax.lax.dynamic_index_in_dim(hidden[0], last, 0, keepdims=False))
         return replicated(logits), cache, replicated({i: h[0] for i, h in aux["hidden"].items()})
 
-    def _decode_impl(self, state, cache, ds):
-        """chunk_steps decode steps for every slot. Returns (cache, ds, tokens int [slots, K], emitted bool
-        [slots, K]): row b produced tokens[b, i] at step i iff emitted[b, i]."""
+    def _decode_impl(self, state, stacks, cache, ds, rows: int | None = None):
+        """chunk_steps decode steps for the first `rows` slots (static; None: all; `decode` picks the smallest of
+        `self.row_buckets` that holds every active slot). Returns (cache, ds, tokens int [slots, K], emitted bool
+        [slots, K]): row b produced tokens[b, i] at step i iff emitted[b, i]. With rows < slots only those slots'
+        cache rows are read (a copy of rows / slots of the cache per chunk) and written back in place."""
         model = nnx.merge(self.graphdef, state)
-        b, k = self.slots, self.chunk_steps
+        n, k = self.slots if rows is None else rows, self.chunk_steps
+        if n == self.slots:
+            cache, ds, out, emitted = self._chunk(model, stacks, cache, ds, n)
+            return cache, ds, replicated(out), replicated(emitted)
+        sub = tuple(jax.lax.slice_in_dim(c, 0, n, axis=1) for c in cache)
+        sub, sub_ds, out, emitted = self._chunk(model, stacks, sub, jax.tree.map(lambda x: x[:n], ds), n)
+        cache = tuple(S.constrain(jax.lax.dynamic_update_slice_in_dim(c, r, 0, 1), STACK_AXES)
+                      for c, r in zip(cache, sub))
+        ds = jax.tree.map(lambda full, part: full.at[:n].set(part), ds, sub_ds)
+        out = jnp.full((self.slots, k), -1, jnp.int32).at[:n].set(out)
+        emitted = jnp.zeros((self.slots, k), bool).at[:n].set(emitted)
+        return cache, ds, replicated(out), replicated(emitted)
+
+    def _chunk(self, model, stacks, cache, ds, b: int):
+        """The decode loop over b slots (cache [L, b, S, KV, D], ds rows [b])."""
+        k = self.chunk_steps
         rows = jnp.arange(b)
         stop = jnp.asarray(self.stop_ids)
 
@@ -286,7 +390,7 @@ class ThinkerSlots:
             x = model.embed(ds["tok"][:, None])
             pos = jnp.broadcast_to((idx.astype(jnp.float32) + ds["delta"])[None, :, None], (3, b, 1))
             hidden, cache, _ = model.model(x, pos, cache_mask(idx, 1, self.context), cache=cache, cache_start=idx,
-                                           moe_impl=self.moe_impl, attention_impl=self.attention_impl)
+                                           moe_impl=self.moe_impl, attention_impl=self.attention_impl, stacks=stacks)
             logits = model.logits(hidden[:, 0])
             keys = jax.vmap(jax.random.fold_in)(ds["key"], ds["count"])
             nxt = next_token_rows(logits, keys, ds["sampling"], seen=ds["seen"])
@@ -298,8 +402,7 @@ class ThinkerSlots:
 
         out = jnp.full((b, k), -1, jnp.int32)
         emitted = jnp.zeros((b, k), bool)
-        cache, ds, out, emitted = jax.lax.fori_loop(0, k, body, (cache, ds, out, emitted))
-        return cache, ds, replicated(out), replicated(emitted)
+        return jax.lax.fori_loop(0, k, body, (cache, ds, out, emitted))
 
     # -- host wrappers ---------------------------------------------------------------------------------------
     def prefill(self, slot: int, start: int, positions: np.ndarray, *, ids: np.ndarray | None = None,
@@ -309,7 +412,7 @@ class ThinkerSlots:
         ids = np.zeros((1, t), np.int32) if ids is None else np.asarray(ids, np.int32)[None]
         with self.on_mesh():
             logits, self.cache, hidden = self._prefill(
-                self.state, self.cache, np.int32(slot), np.int32(start), self.put(ids),
+                self.state, self.stacks, self.cache, np.int32(slot), np.int32(start), self.put(ids),
                 None if embeds is None else self.put(np.asarray(embeds)[None]),
                 self.put(np.asarray(positions, np.float32)[:, None]), np.int32(last),
                 None if deepstack is None else [self.put(np.asarray(d)[None]) for d in deepstack],
@@ -326,16 +429,30 @@ class ThinkerSlots:
                    sampling=row_values(sampling))
         with self.on_mesh():
             self.dstate = self._insert(self.dstate, np.int32(slot), self.put(row))
+        self._live[slot] = row["active"]
 
     def deactivate(self, slot: int):
         with self.on_mesh():
             self.dstate = self._insert(self.dstate, np.int32(slot), self.put(dict(active=False)))
+        self._live[slot] = False
 
-    def decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Run one decode chunk: (tokens int [slots, K], emitted bool [slots, K], still active bool [slots])."""
+    def decode(self, rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run one decode chunk: (tokens int [slots, K], emitted bool [slots, K], still active bool [slots]). It
+        runs on the first `rows` slots: by default the smallest of `row_buckets` that holds every active slot (the
+        scheduler hands out the lowest free slot, so a lone request decodes one row, not `slots`)."""
+        if rows is None:
+            last = np.flatnonzero(self._live)
+            rows = next(r for r in self.row_buckets if r > (last[-1] if last.size else 0))
         with self.on_mesh():
-            self.cache, self.dstate, out, emitted = self._decode(self.state, self.cache, self.dstate)
-        return np.asarray(out), np.asarray(emitted), np.asarray(self.dstate["active"])
+            self.cache, self.dstate, out, emitted = self._decode(self.state, self.stacks, self.cache, self.dstate,
+                                                                 rows=rows)
+        self._live = np.array(self.dstate["active"])  # a writable copy (insert / deactivate set rows)
+        return np.asarray(out), np.asarray(emitted), self._live.copy()
+
+    def warm_decode(self):
+        """Compile the decode chunk for every slot-count bucket (slots left as they are)."""
+        for rows in self.row_buckets:
+            self.decode(rows)
 
     def first_token(self, logits, sampling: SamplingParams, seed: int, seen: np.ndarray | None) -> int:
         """The token sampled from prefill logits (row key `seed`, draw 0; the decode loop continues from draw 1)."""
@@ -467,7 +584,7 @@ class ThinkerSlots:
                 self.first_token(logits, SamplingParams(), 0, None)
         self.insert(0, tok=0, idx=0, delta=0.0, remaining=0, seed=0, count=1, sampling=SamplingParams())
         self.deactivate(0)
-        self.decode()
+        self.warm_decode()
         self.embed_tokens(np.zeros(1, np.int32))
         self.media_embeds([0])
         mel = self.thinker_cfg.audio_config.num_mel_bins

@@ -84,13 +84,14 @@ class Engine:
     (serving.speech.SpeechStage or None), `model_name`. max_audio_seconds: longest audio input (default: as much
     as the context holds, 13 tokens per second); the audio encoder is compiled for buckets up to it and a longer
     audio is a RequestError. warmup_image_sizes: (height, width) image sizes whose vision-encoder grid `warmup()`
-    compiles (other grids compile on first use)."""
+    compiles (other grids compile on first use). release_module: the thinker's scanned decoder layers move into
+    the engine (ThinkerSlots; the module can no longer run them): `from_dir` does so for the model it loads."""
 
     def __init__(self, model, cfg, tokenizer, defaults, *, model_name: str, max_slots: int = 4, max_queue: int = 64,
                  max_context: int | None = None, chunk_steps: int = 16, prefill_chunk: int = 256, speech: bool = False,
                  mesh=None, rules="default", talker_context: int | None = None, audio_group_frames: int = 4,
                  audio_left_context: int = 25, moe_impl: str = "auto", attention_impl: str = "auto",
-                 max_audio_seconds: float | None = None, warmup_image_sizes=()):
+                 max_audio_seconds: float | None = None, warmup_image_sizes=(), release_module: bool = False):
         from omni_jax.kernels.impls import check_impl
 
         check_impl("moe", moe_impl)
@@ -110,7 +111,7 @@ class Engine:
         self.thinker = ThinkerSlots(model.thinker, slots=max_slots, context=self.max_context, stop_ids=self.stop_ids,
                                     chunk_steps=chunk_steps, prefill_chunk=prefill_chunk,
                                     collect=() if accept is None else (0, accept), mesh=mesh, rules=rules,
-                                    moe_impl=moe_impl, attention_impl=attention_impl,
+                                    moe_impl=moe_impl, attention_impl=attention_impl, release_module=release_module,
                                     max_audio_chunks=None if max_audio_seconds is None else
                                     math.ceil(max_audio_seconds / chunk_s - 1e-9))
         # Audio longer than this is refused before it is decoded (the largest audio bucket when not given).
@@ -153,6 +154,7 @@ class Engine:
             check_speech_available(model_dir)
         parts = ("thinker", "talker", "code2wav") if speech else ("thinker",)
         model, cfg = load_model(model_dir, dtype=dtype, parts=parts, mesh=mesh, rules=rules)
+        kwargs.setdefault("release_module", True)  # the engine owns the model it loaded
         engine = cls(model, cfg, Tokenizer.from_dir(model_dir), GenerationDefaults.from_dir(model_dir),
                      model_name=os.path.basename(os.path.normpath(model_dir)), max_slots=max_slots,
                      max_queue=max_queue, max_context=max_context, speech=speech, mesh=mesh, rules=rules, **kwargs)

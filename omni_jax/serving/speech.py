@@ -35,6 +35,7 @@ from omni_jax.sampling import RowSampling, SamplingParams, next_token_rows, row_
 from omni_jax.serving.engine import (
     cache_mask,
     empty_cache,
+    layer_stacks,
     place_params,
     prefill_buckets,
     put_row,
@@ -127,15 +128,19 @@ def talker_state(slots: int, vocab: int, hidden: int, context: int) -> dict:
 
 class TalkerSlots:
     """Compiled talker steps over `slots` slots: chunked prefill into a slot, and a chunk of `chunk_steps` frames
-    for every slot in one static-trip-count `lax.fori_loop` (code predictor, next input, talker step, sampling)."""
+    for every slot in one static-trip-count `lax.fori_loop` (code predictor, next input, talker step, sampling).
+    The KV cache and the scanned layer runs are stored as in engine.py's ThinkerSlots (scan_layers)."""
 
     def __init__(self, talker, thinker_embed, *, slots: int, context: int, chunk_steps: int, prefill_chunk: int,
-                 mesh=None, rules="default", moe_impl: str = "auto", attention_impl: str = "auto"):
+                 mesh=None, rules="default", moe_impl: str = "auto", attention_impl: str = "auto",
+                 scan_layers: bool = True):
         self.attention_impl = attention_impl
         self.tcfg = talker.cfg
         self.cfg = talker.cfg.text_config
         self.mesh, self.rules = mesh, S.get_rules(rules)
         self.graphdef, self.state = place_params(talker, mesh, self.rules, "talker", self.cfg)
+        self.runs = talker.model.scan_runs() if scan_layers else {}
+        self.state, self.stacks = layer_stacks(self.state, self.runs, mesh, self.rules)
         self.thinker_embed = thinker_embed  # [thinker vocab, thinker H]: text rows are projected on the device
         self.dtype = jax.tree.leaves(self.state)[0].dtype
         self.slots, self.chunk_steps, self.moe_impl = slots, chunk_steps, moe_impl
@@ -147,8 +152,8 @@ class TalkerSlots:
         suppress[max(self.vocab - 1024, 0):] = True  # the reference's suppress_tokens: [vocab-1024, vocab) but EOS
         suppress[self.eos] = False
         self.suppress = suppress
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2))
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3))
         self._insert = jax.jit(_set_row, donate_argnums=(0,))
         self._first = jax.jit(self._first_impl)
         with self.on_mesh():
@@ -161,7 +166,7 @@ class TalkerSlots:
     def put(self, tree):
         return put_tree(tree, self.mesh)
 
-    def _prefill_impl(self, state, cache, slot, start, embeds, positions, last):
+    def _prefill_impl(self, state, stacks, cache, slot, start, embeds, positions, last):
         """embeds [1, T, H], positions float32 [3, 1, T] into `slot` at cache index `start` -> (logits [V] and
         final-normed hidden [H] at chunk index `last`, cache)."""
         talker = nnx.merge(self.graphdef, state)
@@ -170,7 +175,7 @@ class TalkerSlots:
         row = take_row(cache, slot)
         logits, hidden, row = talker(embeds.astype(self.dtype), positions, cache_mask(begin, t, self.context),
                                      cache=row, cache_start=begin, moe_impl=self.moe_impl,
-                                     attention_impl=self.attention_impl)
+                                     attention_impl=self.attention_impl, stacks=stacks)
         cache = put_row(cache, row, slot)
         at = lambda x: jax.lax.dynamic_index_in_dim(x[0], last, 0, keepdims=False)  # noqa: E731
         return replicated(at(logits)), replicated(at(hidden)), cache
@@ -181,7 +186,7 @@ class TalkerSlots:
         return next_token_rows(logits[None], k_talker[None], p, seen=jnp.zeros((1, self.vocab), bool),
                                suppress=jnp.asarray(self.suppress))[0]
 
-    def _decode_impl(self, state, cache, ds, text_ids, limit, thinker_embed):
+    def _decode_impl(self, state, stacks, cache, ds, text_ids, limit, thinker_embed):
         """chunk_steps frames per slot. text_ids int [slots, K]: the trailing entry each step adds (thinker ids);
         limit int [slots]: steps each row may run in this chunk (its known entries). Returns (cache, ds, frames
         int [slots, K, G], c0 int [slots, K] (the code sampled after each frame), emitted bool [slots, K])."""
@@ -211,7 +216,7 @@ class TalkerSlots:
                 pos = jnp.swapaxes(ds["rope"], 0, 1)[:, :, None]  # [3, B, 1]
                 logits, hidden, cache = talker(x[:, None], pos, cache_mask(idx, 1, self.context), cache=cache,
                                                cache_start=idx, moe_impl=self.moe_impl,
-                                               attention_impl=self.attention_impl)
+                                               attention_impl=self.attention_impl, stacks=stacks)
             with jax.named_scope("sample_codec"):
                 nxt = next_token_rows(logits[:, 0], k_talker, sp, seen=ds["seen"], suppress=suppress)
             frame = jnp.concatenate([ds["c0"][:, None], residual], axis=1)
@@ -230,8 +235,8 @@ class TalkerSlots:
     # -- host wrappers -------------------------------------------------------------------------------------------
     def prefill(self, slot: int, start: int, embeds: np.ndarray, positions: np.ndarray, last: int):
         with self.on_mesh():
-            logits, hidden, self.cache = self._prefill(self.state, self.cache, np.int32(slot), np.int32(start),
-                                                       self.put(np.asarray(embeds, np.float32)[None]),
+            logits, hidden, self.cache = self._prefill(self.state, self.stacks, self.cache, np.int32(slot),
+                                                       np.int32(start), self.put(np.asarray(embeds, np.float32)[None]),
                                                        self.put(np.asarray(positions, np.float32)[:, None]),
                                                        np.int32(last))
         return logits, hidden
@@ -260,7 +265,7 @@ class TalkerSlots:
     def decode(self, text_ids: np.ndarray, limit: np.ndarray):
         with self.on_mesh():
             self.cache, self.dstate, frames, c0s, emitted = self._decode(
-                self.state, self.cache, self.dstate, self.put(np.asarray(text_ids, np.int32)),
+                self.state, self.stacks, self.cache, self.dstate, self.put(np.asarray(text_ids, np.int32)),
                 self.put(np.asarray(limit, np.int32)), self.thinker_embed)
         return np.asarray(frames), np.asarray(c0s), np.asarray(emitted), np.asarray(self.dstate["active"])
 

@@ -80,30 +80,38 @@ def choose_impl(impl: str, t: int, s: int, mask, platform: str) -> str:
     return "xla"
 
 
-def attention(q, k, v, mask: AttentionMask | jax.Array, *, scale: float, impl: str = "auto", mesh=None):
+def attention(q, k, v, mask: AttentionMask | jax.Array, *, scale: float, impl: str = "auto", mesh=None,
+              layer=None):
     """q: [B, T, H, D], k/v: [B, S, KV, D] (H a multiple of KV), mask: AttentionMask (or, for `xla` only, a bool
     array broadcastable to [B, T, S]). Returns [B, T, H, Dv] in q's dtype. `mesh` names the target devices for
-    `auto` (default: the current mesh, see kernels.platform)."""
+    `auto` (default: the current mesh, see kernels.platform).
+
+    layer: k/v are a KV cache of every layer [L, B, S, KV, D] and layer `layer` (static int or traced scalar) is
+    attended: `live` reads its chunks from the stack in place; the other implementations take the layer's slice.
+    k/v are cast to q's dtype where they are read."""
     b, t, h, _ = q.shape
-    s, kvh = k.shape[1], k.shape[2]
+    kshape = k.shape if layer is None else k.shape[1:]
+    s, kvh = kshape[1], kshape[2]
     if h % kvh:
         raise AttentionMaskError(f"attention: {h} query heads is not a multiple of {kvh} key/value heads")
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
+    if kshape[0] != b or v.shape[:k.ndim - 1] != k.shape[:-1]:
         raise AttentionMaskError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit together")
     platform = platform_of(mesh)
     chosen = choose_impl(impl, t, s, mask, platform)
     if isinstance(mask, AttentionMask):
         mask.check(b, t, s)
+    live = chosen == "live" or (chosen == "splash" and not mask.static_offset)
+    if live:
+        return attention_live(q, k, v, mask, scale, layer=layer)
+    if layer is not None:
+        k, v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k, v))
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
     if chosen == "xla":
         return attention_ref(q, k, v, mask, scale)
-    if chosen == "live":
-        return attention_live(q, k, v, mask, scale)
     if chosen == "cudnn":
         return _cudnn(q, k, v, mask, scale)
     interpret = interpret_for(platform)
     if chosen == "splash":
-        if not mask.static_offset:
-            return attention_live(q, k, v, mask, scale)
         from omni_jax.kernels.attention.splash import splash_attention
         fn = splash_attention
     elif chosen == "flash":

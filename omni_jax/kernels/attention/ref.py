@@ -38,16 +38,17 @@ def attention_ref(q, k, v, mask: AttentionMask | jax.Array, scale: float):
     return attention_dense(q, k, v, mask, scale)
 
 
-def attention_live(q, k, v, mask: AttentionMask, scale: float, *, chunk: int = 512):
+def attention_live(q, k, v, mask: AttentionMask, scale: float, *, chunk: int = 512, layer=None):
     """Online-softmax attention over key chunks [lo, hi) of the batch's live range only (inference: the loop has a
     traced trip count, so it is not reverse-differentiable).
 
     Chunks before the first key any row may see (sliding window) and after the last (kv_lengths / causal) are
     never read; a chunk that would run past S is read clamped (start S - c) with the overlap masked, so the
     cache is never padded or copied. Same numerics as `attention_ref` up to summation order (fp32 softmax).
+    layer: k/v are every layer's cache [L, B, S, KV, D]; the chunks are read from layer `layer` in place.
     """
     b, t, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
+    s, kvh = k.shape[-3], k.shape[-2]
     g = h // kvh
     c = min(chunk, s)
     off, kv_len = mask.per_row(b)
@@ -63,8 +64,13 @@ def attention_live(q, k, v, mask: AttentionMask, scale: float, *, chunk: int = 5
     def body(i, carry):
         m_prev, l_prev, acc = carry
         start = jnp.minimum(i * c, s - c)
-        kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=1)
-        vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=1)
+        if layer is None:
+            kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=1)
+            vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=1)
+        else:
+            kc, vc = (jax.lax.dynamic_slice(a, (layer, 0, start, 0, 0), (1,) + a.shape[1:2] + (c,) + a.shape[3:])[0]
+                      for a in (k, v))
+        kc, vc = kc.astype(q.dtype), vc.astype(q.dtype)
         kpos = start + jnp.arange(c)
         sc = jnp.einsum("BTKGD,BSKD->BKGTS", qg, kc, preferred_element_type=acc_t) * scale
         kv_seg = None
@@ -79,7 +85,7 @@ def attention_live(q, k, v, mask: AttentionMask, scale: float, *, chunk: int = 5
         p = jnp.where(ok, jnp.exp(sc - m_safe[..., None]), 0.0)
         alpha = jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev, m_safe) - m_safe)
         l_new = alpha * l_prev + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("BKGTS,BSKD->BKGTD", p.astype(v.dtype), vc, preferred_element_type=acc_t)
+        pv = jnp.einsum("BKGTS,BSKD->BKGTD", p.astype(vc.dtype), vc, preferred_element_type=acc_t)
         return m_new, l_new, alpha[..., None] * acc + pv
 
     init = (jnp.full((b, kvh, g, t), -jnp.inf, acc_t), jnp.zeros((b, kvh, g, t), acc_t),
