@@ -219,12 +219,13 @@ def _lower_serving(model, mesh, rules, mode, *, batch, seq_len, moe_impl, attent
     kv = spec(cache_shape(t, batch, gen.context), dtype, STACK_AXES)
     cache = (kv, kv)
     with S.activate(mesh, rules):
-        if mode == "prefill":  # one slot's prompt of seq_len tokens into the slot cache (the engine's prefill step)
+        if mode == "prefill":  # one slot's prompt of seq_len tokens into the slot cache (the engine's prefill step;
+            # a prompt's first chunk: causal over its own keys, splash on TPU)
             scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
             ids = jax.ShapeDtypeStruct((1, gen.context), jnp.int32, sharding=rep)
             positions = jax.ShapeDtypeStruct((3, 1, gen.context), jnp.float32, sharding=rep)
             lowered = gen._prefill.lower(state, stacks, cache, scalar, scalar, ids, None, positions, scalar, None,
-                                         has_embeds=False, has_deepstack=False)
+                                         has_embeds=False, has_deepstack=False, first=True)
         else:  # one decode chunk (chunk_steps tokens) for `batch` slots
             host = slot_state(batch, gen.vocab, gen.context)
             ds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), host)

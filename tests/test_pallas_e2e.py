@@ -110,8 +110,9 @@ def test_serving_pallas_kernels_same_tokens_and_logits_on_transformers_checkpoin
 
     # What ran: splash in every vision block for both picture groups and the video's frame pairs, and in every
     # audio layer over its 2 windows with their live lengths; megablox in prefill (32 rows) and decode (1 row)
-    # of every layer. (Today the thinker's chunked prefill over the KV cache has a traced offset: kernels.attention
-    # sends it to the `live` XLA path, which test_attention_kernels covers; the training test runs its splash path.)
+    # of every layer; the thinker's first prefill chunk of a prompt (static causal mask over its own keys) in every
+    # decoder layer (later chunks attend over the KV cache at a traced offset: the `live` XLA path, covered by
+    # test_attention_kernels).
     vc, ac = cfg.thinker_config.vision_config, cfg.thinker_config.audio_config
     tc = cfg.thinker_config.text_config
     vh, ah = (vc.num_heads, vc.hidden_size // vc.num_heads), (ac.encoder_attention_heads,
@@ -122,6 +123,8 @@ def test_serving_pallas_kernels_same_tokens_and_logits_on_transformers_checkpoin
             ("splash", "audio_encoder.py", (2, 104, *ah), False, True): ac.encoder_layers}
     assert {k: v for k, v in kernel_calls.items() if k[0] == "splash" and k[1] != "thinker.py"} == want
     assert kernel_calls["megablox", 32] >= tc.num_hidden_layers and kernel_calls["megablox", 1] >= tc.num_hidden_layers
+    first_chunk = ("splash", "thinker.py", (1, 32, tc.num_attention_heads, tc.head_dim), True, False)
+    assert kernel_calls[first_chunk] >= tc.num_hidden_layers, kernel_calls
 
 
 def test_five_training_steps_pallas_equal_xla(tmp_path, kernel_calls):

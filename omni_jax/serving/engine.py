@@ -38,6 +38,7 @@ KV heads (omni_jax/sharding.py).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 
 import jax
@@ -205,11 +206,13 @@ class AudioTooLongError(AudioError):
 
 
 def split_chunks(n: int, chunk: int) -> list[tuple[int, int, int]]:
-    """A prompt of n tokens as prefill chunks (start, valid, bucketed length): full chunks, then the rest."""
+    """A prompt of n tokens as prefill chunks (start, valid, padded length): full chunks, then the rest. The
+    first chunk is padded to its power-of-two bucket; later ones to the full chunk (one compiled shape for the
+    chunks that attend over the cache at an offset; the cache length is a multiple of `chunk`)."""
     out, start = [], 0
     while start < n:
         valid = min(chunk, n - start)
-        out.append((start, valid, bucket(valid) if valid < chunk else chunk))
+        out.append((start, valid, bucket(valid) if valid < chunk and start == 0 else chunk))
         start += valid
     return out
 
@@ -280,7 +283,7 @@ class ThinkerSlots:
                                                    release=thinker.model if release_module else None)
         self.stop_ids = np.array(sorted(set(stop_ids)) or [-1], np.int32)
         self.vocab = self.cfg.vocab_size
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("has_embeds", "has_deepstack"),
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("has_embeds", "has_deepstack", "first"),
                                 donate_argnums=(2,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("rows",))
         self._insert = jax.jit(_set_row, donate_argnums=(0,))
@@ -340,17 +343,22 @@ class ThinkerSlots:
                                             video=(video_rows, list(video_levels))))
 
     def _prefill_impl(self, state, stacks, cache, slot, start, ids, embeds, positions, last, deepstack, *,
-                      has_embeds: bool, has_deepstack: bool):
+                      has_embeds: bool, has_deepstack: bool, first: bool = False):
         """ids int [1, T] (or embeds [1, T, H] when has_embeds), positions float32 [3, 1, T], start / last int
         scalars (cache index of the chunk's first token; index in the chunk of its last valid token) ->
-        (logits [V] at `last`, cache, {i: hidden [T, H]} for self.collect)."""
+        (logits [V] at `last`, cache, {i: hidden [T, H]} for self.collect).
+
+        first (static): the chunk starts the prompt (start is 0), so it attends causally over its own T keys (a
+        static mask: splash's block-sparse causal kernel on TPU, and no read of the cache row) while its keys are
+        written into the row; later chunks attend over the row's cache at a traced offset (the `live` path)."""
         model = nnx.merge(self.graphdef, state)
         x = embeds.astype(self.dtype) if has_embeds else model.embed(ids)
         x = S.constrain(x, ("batch", "seq", None))
         t = x.shape[1]
-        begin = jnp.reshape(start, (1,))
+        begin = None if first else jnp.reshape(start, (1,))
+        mask = AttentionMask(causal=True) if first else cache_mask(begin, t, self.context)
         row = take_row(cache, slot)
-        hidden, row, aux = model.model(x, positions, cache_mask(begin, t, self.context), cache=row,
+        hidden, row, aux = model.model(x, positions, mask, cache=row,
                                        cache_start=begin, deepstack=deepstack if has_deepstack else None,
                                        collect_hidden=self.collect, moe_impl=self.moe_impl,
                                        attention_impl=self.attention_impl, stacks=stacks)
@@ -416,7 +424,7 @@ class ThinkerSlots:
                 None if embeds is None else self.put(np.asarray(embeds)[None]),
                 self.put(np.asarray(positions, np.float32)[:, None]), np.int32(last),
                 None if deepstack is None else [self.put(np.asarray(d)[None]) for d in deepstack],
-                has_embeds=embeds is not None, has_deepstack=deepstack is not None)
+                has_embeds=embeds is not None, has_deepstack=deepstack is not None, first=start == 0)
         return logits, hidden
 
     def insert(self, slot: int, *, tok: int, idx: int, delta: float, remaining: int, seed: int, count: int,
@@ -578,9 +586,12 @@ class ThinkerSlots:
             variants = [(None, None), (zeros, None)]
             if deepstack_levels:
                 variants.append((zeros, [zeros] * deepstack_levels))
-            for embeds, deepstack in variants:
-                logits, _ = self.prefill(0, 0, pos, ids=np.zeros(t, np.int32), embeds=embeds, deepstack=deepstack,
-                                         last=0)
+            # a prompt's first chunk (start 0, any bucket) and, when the context holds more than one chunk, a
+            # later chunk (always the full chunk: split_chunks pads the rest of a long prompt to it)
+            starts = [0] + ([self.prefill_chunk] if t == self.prefill_chunk < self.context else [])
+            for (embeds, deepstack), start in itertools.product(variants, starts):
+                logits, _ = self.prefill(0, start, pos, ids=np.zeros(t, np.int32), embeds=embeds,
+                                         deepstack=deepstack, last=0)
                 self.first_token(logits, SamplingParams(), 0, None)
         self.insert(0, tok=0, idx=0, delta=0.0, remaining=0, seed=0, count=1, sampling=SamplingParams())
         self.deactivate(0)
