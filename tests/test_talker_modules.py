@@ -105,9 +105,11 @@ def test_talker_forward(pair):
     # Prefill t-1 rows into a static cache, then decode the last row: same hidden/logits as the full forward.
     if name != "tiny":
         return  # the cache path is config-independent; one config keeps the compile count down
+    from omni_jax.serving.engine import empty_cache
+
     tc = cfg.text_config
     s = t + 3
-    cache = [(jnp.zeros((b, s, tc.num_key_value_heads, tc.head_dim)),) * 2 for _ in range(tc.num_hidden_layers)]
+    cache = empty_cache(tc, b, s, jnp.float32)  # the engines' stacked form: (k, v) of [L, B, S, KV, D]
     _, _, cache = call(ours, jnp.asarray(x[:, :-1]), jnp.asarray(pos[:, :, :-1], jnp.int32),
                        jnp.tril(jnp.ones((t - 1, t - 1), bool))[None], cache)
     step_mask = jnp.broadcast_to((jnp.arange(s) <= t - 1)[None, None], (b, 1, s))
