@@ -30,8 +30,7 @@ OVERRIDES = ["--config.toy.tasks=text", "--config.data.audio_slots=0", "--config
              "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.toy.n_train=64",
              "--config.toy.n_eval=8", "--config.train.steps=20", "--config.optim.total_steps=20",
              "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.ckpt_every=0",
-             "--config.train.async_checkpoint=false", "--config.train.export=false",
-             "--config.model.parts=('thinker',)", "--config.train.freeze="]
+             "--config.train.async_checkpoint=false", "--config.train.export=false"]
 FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MESHES = ("data=2,fsdp=4", "data=2,expert=4")
 

@@ -34,13 +34,13 @@ def test_toy_data_is_deterministic_and_well_formed(tmp_path):
 
 
 def test_toy_quick_run_and_generate(tmp_path, capsys):
-    """The default toy config's code path (audio + image + text batches, eval, checkpoint, export) for a few
-    steps, then `omni-jax generate` on the exported model (accuracy is not asserted here)."""
+    """The default toy config's code path (audio + image + text batches, eval, checkpoint, export with the frozen
+    speech parts) for a few steps, then `omni-jax generate` on the exported model (accuracy is not asserted here)."""
     from omni_jax.cli import main
 
     wd = str(tmp_path / "run")
-    assert main(["train", "--config", os.path.join(REPO, "configs/toy.py:quick"), "--workdir", wd,
-                 "--no-progress"]) == 0
+    assert main(["train", "--config", os.path.join(REPO, "configs/toy.py:quick"), "--workdir", wd, "--no-progress",
+                 "--config.model.parts=('thinker','talker','code2wav')", "--config.train.freeze=thinker_only"]) == 0
     rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     ev = [r for r in rows if "eval_exact_match" in r]
