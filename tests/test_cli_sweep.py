@@ -10,7 +10,7 @@ files. `{root}` is the sandbox (built once for the module):
   full/         a non-empty folder (an earlier sharded export: index + shards)
   stale/        the model with a left-over index of another checkpoint next to model.safetensors
   badcfg/ badidx/ typcfg/   the model with malformed config.json / index JSON / a string where a size goes
-  nometa/ trunc/ nodata/    Orbax copies with _METADATA removed / the data files cut in half / the data files removed
+  nometa/ trunc/ nodata/    Orbax copies with _METADATA removed / a data file truncated / the data files removed
   msgs.json     a valid messages file; latin1.json: not UTF-8; afile: a plain file; sub/: an empty folder
 """
 
@@ -161,12 +161,9 @@ def sandbox(tmp_path_factory, tiny_hf_dir):
     for name in ("nometa", "trunc", "nodata"):
         shutil.copytree(f"{root}/orbax", f"{root}/{name}")
     os.remove(f"{root}/nometa/params/_METADATA")
-    # Every large data file cut in half: which arrays land in which OCDBT file depends on the writer's threads, so
-    # cutting only the largest may spare every array one command reads (e.g. generate reads the thinker alone).
-    for data in glob.glob(f"{root}/trunc/params/ocdbt.process_*/d/*"):
-        if os.path.getsize(data) > 4096:
-            with open(data, "r+b") as f:
-                f.truncate(os.path.getsize(data) // 2)
+    data = sorted(glob.glob(f"{root}/trunc/params/ocdbt.process_*/d/*"), key=os.path.getsize)[-1]
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
     for f in glob.glob(f"{root}/nodata/params/ocdbt.process_*/d/*"):
         os.remove(f)
     os.makedirs(f"{root}/model/sub")  # a folder inside the source (as a target it is refused)
