@@ -10,7 +10,8 @@ files. `{root}` is the sandbox (built once for the module):
   full/         a non-empty folder (an earlier sharded export: index + shards)
   stale/        the model with a left-over index of another checkpoint next to model.safetensors
   badcfg/ badidx/ typcfg/   the model with malformed config.json / index JSON / a string where a size goes
-  nometa/ trunc/ nodata/    Orbax copies with _METADATA removed / a data file truncated / the data files removed
+  nometa/ trunc/ nodata/ emptied/   Orbax copies with _METADATA removed / a data file truncated / the data
+                files removed / a data file emptied
   msgs.json     a valid messages file; latin1.json: not UTF-8; afile: a plain file; sub/: an empty folder
 """
 
@@ -56,8 +57,8 @@ CASES = [
      "_METADATA missing"),
     ("orbax-truncated-convert", ["convert", "--model", "{root}/trunc", "--out", "{root}/new", "--to", "hf"],
      "checkpoint data unreadable"),
-    ("orbax-truncated-generate", ["generate", "--model", "{root}/trunc", "--messages", "{root}/msgs.json"],
-     "checkpoint data unreadable"),
+    ("orbax-emptied-generate", ["generate", "--model", "{root}/emptied", "--messages", "{root}/msgs.json"],
+     "is empty (half-written or damaged checkpoint)"),
     ("orbax-data-deleted-convert", ["convert", "--model", "{root}/nodata", "--out", "{root}/new", "--to", "hf"],
      "nodata/params"),
     ("malformed-config", ["generate", "--model", "{root}/badcfg", "--messages", "{root}/msgs.json"],
@@ -117,7 +118,7 @@ CASES = [
      "not UTF-8"),
     ("messages-is-dir", ["generate", "--model", "{root}/model", "--messages", "{root}/sub"], "sub"),
 ]
-SUBPROCESS = ("convert-into-nonempty", "orbax-truncated-generate")
+SUBPROCESS = ("convert-into-nonempty", "orbax-emptied-generate")
 
 
 def _fmt(argv, root):
@@ -158,12 +159,16 @@ def sandbox(tmp_path_factory, tiny_hf_dir):
     json.dump(cfg, open(f"{root}/typcfg/config.json", "w"))
     shutil.copytree(f"{root}/full", f"{root}/badidx")
     open(f"{root}/badidx/model.safetensors.index.json", "w").write('{"weight_map": {"a": ')
-    for name in ("nometa", "trunc", "nodata"):
+    for name in ("nometa", "trunc", "nodata", "emptied"):
         shutil.copytree(f"{root}/orbax", f"{root}/{name}")
     os.remove(f"{root}/nometa/params/_METADATA")
     data = sorted(glob.glob(f"{root}/trunc/params/ocdbt.process_*/d/*"), key=os.path.getsize)[-1]
     with open(data, "r+b") as f:
         f.truncate(os.path.getsize(data) // 2)
+    # generate reads the thinker's arrays only, and which OCDBT file holds them is up to the writer's threads: a
+    # file cut to nothing is caught on open whatever it holds
+    data = sorted(glob.glob(f"{root}/emptied/params/ocdbt.process_*/d/*"), key=os.path.getsize)[-1]
+    open(data, "w").close()
     for f in glob.glob(f"{root}/nodata/params/ocdbt.process_*/d/*"):
         os.remove(f)
     os.makedirs(f"{root}/model/sub")  # a folder inside the source (as a target it is refused)
